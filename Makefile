@@ -1,0 +1,46 @@
+# Two commands do all the set-up: `make demo` (main job) and `make test` (whole suite).
+# Both create .venv when it is missing and install, in this order: torch (CPU wheel, pinned),
+# DeepSpeed (an sdist, built against that torch), then this project with its extras.
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+TORCH    ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
+STAMP    := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv test test-fast demo bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q ninja packaging psutil py-cpuinfo hjson msgpack "pydantic>=2" tqdm numpy einops
+	$(BIN)/pip install -q --no-build-isolation $(DEEPSPEED)
+	$(BIN)/pip install -q -e '.[deepspeed,lightning,examples,test]'
+	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was changed to ' + v + ' by a dependency; expected 2.13.0')"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not dist and not slow"
+
+demo: $(STAMP)
+	$(BIN)/python -m examples.lm.demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_sync.py
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check lookahead_dist callbacks tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache lightning_logs out

@@ -1,0 +1,384 @@
+"""The core Lookahead optimizer (Zhang, Lucas, Hinton, Ba 2019, Algorithm 1). Torch only.
+
+Fast weights θ take ``k`` steps of the wrapped (inner) optimizer; then the slow weights move
+``φ ← φ + α(θ − φ)`` and the fast weights restart from them, ``θ ← φ``. ``φ₀ = θ₀``.
+
+Everything Lookahead keeps lives in the inner optimizer's per-tensor state (``state[p]``):
+
+* ``"lookahead_slow"``  φ, same dtype/device as the tensor the inner optimizer steps;
+* ``"lookahead_count"`` a Python int, inner steps taken by this tensor since its last sync;
+* ``"lookahead_slow_<key>"`` the slow copy of a momentum buffer (``pullback="pullback"`` only).
+
+That layout is what lets engines that hand the inner optimizer a *shard* of the weights (DeepSpeed
+ZeRO) hold φ for that shard only and checkpoint it through the inner ``state_dict`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["Lookahead", "PULLBACK_MODES", "SLOW_KEY", "COUNT_KEY", "slow_key_for"]
+
+SLOW_KEY = "lookahead_slow"
+COUNT_KEY = "lookahead_count"
+PULLBACK_MODES = ("none", "reset", "pullback")
+#: State entries interpolated by ``pullback="pullback"``: first-moment (momentum-like) buffers.
+DEFAULT_PULLBACK_KEYS = ("momentum_buffer", "exp_avg")
+#: Param-group keys that override ``k`` / ``alpha`` for one group.
+GROUP_K = "lookahead_k"
+GROUP_ALPHA = "lookahead_alpha"
+
+AlphaSpec = Union[float, Literal["adaptive"]]
+#: Sums a small fp64 tensor across the processes that each hold a shard of the weights, in place.
+ReduceFn = Callable[[Tensor], None]
+
+
+def slow_key_for(buffer_key: str) -> str:
+    return f"{SLOW_KEY}_{buffer_key}"
+
+
+def _check_k(k: Any, where: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(
+            f"Lookahead: {where}={k!r} is invalid; it must be a positive int (the number of inner steps "
+            f"between slow-weight syncs), e.g. k=5."
+        )
+    return k
+
+
+def _check_alpha(alpha: Any, where: str = "alpha", allow_adaptive: bool = True) -> AlphaSpec:
+    if allow_adaptive and alpha == "adaptive":
+        return "adaptive"
+    ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not ok or not math.isfinite(alpha) or not (0.0 < alpha <= 1.0):
+        extra = ' or "adaptive"' if allow_adaptive else ""
+        raise ValueError(
+            f"Lookahead: {where}={alpha!r} is invalid; it must be a finite float in (0, 1]{extra}, "
+            f"e.g. alpha=0.5 (alpha=1 makes Lookahead a no-op)."
+        )
+    return float(alpha)
+
+
+class Lookahead(Optimizer):
+    """Wrap ``optimizer`` so that every ``k`` of its steps the weights are pulled toward slow weights.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (the *inner* optimizer). ``param_groups``, ``state``
+            and ``defaults`` of this object *are* the inner optimizer's, so LR schedulers, gradient
+            scalers and checkpointing code see one optimizer.
+        k: inner steps per cycle (per-group override: param-group key ``"lookahead_k"``).
+        alpha: slow-weights step size in (0, 1], or ``"adaptive"`` for the paper's quadratic rule
+            (per-group override: ``"lookahead_alpha"``).
+        pullback: what happens to the inner optimizer's state at a sync: ``"none"`` keeps it,
+            ``"reset"`` clears it, ``"pullback"`` interpolates momentum-like buffers
+            (``pullback_keys``) the same way the weights are interpolated.
+        alpha_bounds: ``(low, high)`` clip for ``alpha="adaptive"``.
+        alpha_fallback: α used by ``alpha="adaptive"`` when the estimate is not finite (for example a
+            zero denominator at a stationary point). Defaults to ``alpha_bounds[0]``.
+        reduce_fn: for sharded engines, sums the adaptive-α partial sums across shards in place.
+            Not used for a fixed α, which needs no communication.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 5,
+        alpha: AlphaSpec = 0.5,
+        pullback: str = "none",
+        *,
+        alpha_bounds: tuple[float, float] = (0.5, 1.0),
+        alpha_fallback: float | None = None,
+        pullback_keys: tuple[str, ...] = DEFAULT_PULLBACK_KEYS,
+        reduce_fn: ReduceFn | None = None,
+        _allow_empty: bool = False,
+    ) -> None:
+        if isinstance(optimizer, Lookahead):
+            raise TypeError(
+                "Lookahead: the optimizer is already a Lookahead; wrap the inner optimizer once "
+                "(use `optimizer.optimizer` to reach it), or change k/alpha on the existing wrapper."
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"Lookahead: expected a torch.optim.Optimizer to wrap, got {type(optimizer).__name__}; "
+                f"build the inner optimizer first, e.g. Lookahead(torch.optim.AdamW(model.parameters())) ."
+            )
+        if not _allow_empty and not any(len(g["params"]) > 0 for g in optimizer.param_groups):
+            raise ValueError(
+                "Lookahead: the optimizer has no parameters to step; create it with the model's parameters."
+            )
+        self.k = _check_k(k)
+        self.alpha: AlphaSpec = _check_alpha(alpha)
+        if pullback not in PULLBACK_MODES:
+            raise ValueError(f"Lookahead: pullback={pullback!r} is unknown; use one of {PULLBACK_MODES}.")
+        self.pullback = pullback
+        low, high = alpha_bounds
+        _check_alpha(low, "alpha_bounds[0]", allow_adaptive=False)
+        _check_alpha(high, "alpha_bounds[1]", allow_adaptive=False)
+        if low > high:
+            raise ValueError(f"Lookahead: alpha_bounds={alpha_bounds!r} must satisfy low <= high.")
+        self.alpha_bounds = (float(low), float(high))
+        self.alpha_fallback = _check_alpha(
+            low if alpha_fallback is None else alpha_fallback, "alpha_fallback", allow_adaptive=False
+        )
+        self.pullback_keys = tuple(pullback_keys)
+        self.reduce_fn = reduce_fn
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            self._check_group(group)
+
+        # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (they are the inner's).
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        # Slow tensors released by pullback="reset", reused at the next cycle's first step.
+        self._spare: dict[Tensor, Tensor] = {}
+        #: Number of step() calls in which at least one tensor synced (this process, not persisted).
+        self.sync_count = 0
+        #: α applied at the most recent sync, per param-group index.
+        self.last_alpha: dict[int, float] = {}
+
+    # ------------------------------------------------------------------ forwarding (rule 1)
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, Any]) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_spare"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._spare = {}
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return (
+            f"Lookahead(k={self.k}, alpha={self.alpha!r}, pullback={self.pullback!r}, "
+            f"optimizer={self.optimizer!r})"
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if GROUP_K in group:
+            _check_k(group[GROUP_K], f"param_group[{GROUP_K!r}]")
+        if GROUP_ALPHA in group:
+            _check_alpha(group[GROUP_ALPHA], f"param_group[{GROUP_ALPHA!r}]")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_group(param_group)
+        self.optimizer.add_param_group(param_group)
+
+    # state_dict is the inner's (rule 2); hooks registered here run there.
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._spare.clear()
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        # Rule 5: the closure (forward/backward under Lightning) runs before anything is snapshotted.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        inner_state = self.optimizer.state
+        if self._is_state_probe():
+            # torch.distributed.checkpoint initialises optimizer state with a synthetic lr=0 step on
+            # zero grads; let the inner optimizer create its state but do not count it.
+            self.optimizer.step()
+            return
+
+        groups = self.param_groups
+        # (group index, param) of every tensor the inner optimizer is about to step.
+        tracked: list[tuple[int, Tensor]] = []
+        fresh: list[Tensor] = []
+        for gi, group in enumerate(groups):
+            for p in group["params"]:
+                st = inner_state.get(p)
+                if st is not None and SLOW_KEY in st:
+                    tracked.append((gi, p))
+                elif p.grad is not None:
+                    tracked.append((gi, p))
+                    fresh.append(p)
+        # φ₀ = θ before this step; inserted only after the inner step (rule 3).
+        snapshots = [self._snapshot(p) for p in fresh]
+
+        self.optimizer.step()
+
+        for p, snap in zip(fresh, snapshots):
+            inner_state[p][SLOW_KEY] = snap
+        due: dict[int, list[Tensor]] = {}
+        for gi, p in tracked:
+            st = inner_state[p]
+            count = st.get(COUNT_KEY, 0) + 1
+            if count >= groups[gi].get(GROUP_K, self.k):
+                count = 0
+                due.setdefault(gi, []).append(p)
+            st[COUNT_KEY] = count
+        if due:
+            self._sync(due)
+
+    def _snapshot(self, p: Tensor) -> Tensor:
+        spare = self._spare.pop(p, None)
+        if spare is not None:
+            return spare.copy_(p)
+        return p.detach().clone(memory_format=torch.preserve_format)
+
+    def _is_state_probe(self) -> bool:
+        state = self.optimizer.state
+        if any(len(s) for s in state.values()):
+            return False
+        lrs = [g["lr"] for g in self.param_groups if "lr" in g]
+        if not lrs or any(float(lr) != 0.0 for lr in lrs):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and all(not bool(g.any()) for g in grads)
+
+    def _group_alpha(self, gi: int, params: list[Tensor]) -> float:
+        spec = self.param_groups[gi].get(GROUP_ALPHA, self.alpha)
+        if spec != "adaptive":
+            return float(spec)
+        from .adaptive import adaptive_alpha  # local import: keeps the fixed-α path light
+
+        return adaptive_alpha(
+            params,
+            self.optimizer.state,
+            self.param_groups[gi],
+            bounds=self.alpha_bounds,
+            fallback=self.alpha_fallback,
+            reduce_fn=self.reduce_fn,
+        )
+
+    def _sync(self, due: dict[int, list[Tensor]]) -> None:
+        state = self.optimizer.state
+        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = defaultdict(list)
+        for gi, params in due.items():
+            alpha = self._group_alpha(gi, params)
+            self.last_alpha[gi] = alpha
+            for p in params:
+                buckets[(p.device, p.dtype, alpha)].append(p)
+        for (_, _, alpha), fast in buckets.items():
+            slow = [state[p][SLOW_KEY] for p in fast]
+            torch._foreach_lerp_(slow, fast, alpha)  # φ ← φ + α(θ − φ)
+            torch._foreach_copy_(fast, slow)  # θ ← φ
+            if self.pullback == "pullback":
+                self._pull_back_buffers(fast, alpha)
+            elif self.pullback == "reset":
+                for p in fast:
+                    st = state[p]
+                    self._spare[p] = st[SLOW_KEY]
+                    st.clear()
+        self.sync_count += 1
+
+    def _pull_back_buffers(self, fast: list[Tensor], alpha: float) -> None:
+        state = self.optimizer.state
+        for key in self.pullback_keys:
+            slow_name = slow_key_for(key)
+            have_slow: list[Tensor] = []
+            live: list[Tensor] = []
+            first: list[tuple[Tensor, Tensor]] = []
+            for p in fast:
+                buf = state[p].get(key)
+                if not isinstance(buf, Tensor):
+                    continue
+                if slow_name in state[p]:
+                    have_slow.append(state[p][slow_name])
+                    live.append(buf)
+                else:
+                    first.append((p, buf))
+            if live:
+                torch._foreach_lerp_(have_slow, live, alpha)
+                torch._foreach_copy_(live, have_slow)
+            if first:
+                # The momentum at φ₀ is zero: m ← 0 + α(m − 0); its slow copy must not alias m.
+                bufs = [b for _, b in first]
+                torch._foreach_mul_(bufs, alpha)
+                for p, buf in first:
+                    state[p][slow_name] = buf.clone()
+
+    # ------------------------------------------------------------------ slow weights
+    def tracked_params(self) -> list[Tensor]:
+        """Tensors the inner optimizer steps that already have slow weights."""
+        state = self.optimizer.state
+        return [
+            p for g in self.param_groups for p in g["params"] if SLOW_KEY in state.get(p, {})
+        ]
+
+    @contextmanager
+    def use_slow_weights(self) -> Iterator[None]:
+        """Put φ into the parameters for the body (e.g. evaluation); restore θ bit-exactly on exit."""
+        params = self.tracked_params()
+        if not params:
+            yield
+            return
+        with torch.no_grad():
+            fast_backup = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, [self.optimizer.state[p][SLOW_KEY] for p in params])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, fast_backup)
+
+    def fast_slow_distance_sq(self) -> Tensor:
+        """Σ‖θ − φ‖² over the tensors this process steps (a local partial sum under sharding), fp64."""
+        params = self.tracked_params()
+        if not params:
+            return torch.zeros((), dtype=torch.float64)
+        with torch.no_grad():
+            diffs = torch._foreach_sub(params, [self.optimizer.state[p][SLOW_KEY] for p in params])
+            norms = torch._foreach_norm(diffs)
+            return sum((n.double().cpu() ** 2 for n in norms), torch.zeros((), dtype=torch.float64))
