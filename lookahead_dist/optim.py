@@ -36,6 +36,15 @@ DEFAULT_PULLBACK_KEYS = ("momentum_buffer", "exp_avg")
 GROUP_K = "lookahead_k"
 GROUP_ALPHA = "lookahead_alpha"
 
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
 AlphaSpec = Union[float, Literal["adaptive"]]
 #: Sums a small fp64 tensor across the processes that each hold a shard of the weights, in place.
 ReduceFn = Callable[[Tensor], None]
@@ -135,12 +144,8 @@ class Lookahead(Optimizer):
             self._check_group(group)
 
         # What torch.optim.Optimizer.__init__ sets up, minus param_groups/state (they are the inner's).
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
 
         # Slow tensors released by pullback="reset", reused at the next cycle's first step.
@@ -176,10 +181,18 @@ class Lookahead(Optimizer):
         self.optimizer.defaults = value
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_spare"}
+        # Like torch.optim.Optimizer: hooks are not pickled, nor the per-instance `step` wrapper an
+        # LR scheduler installs (a local function, which made pickling fail once a scheduler existed).
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_spare", "step") and not k.startswith("_optimizer_")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in _HOOK_DICTS:
+            self.__dict__.setdefault(name, OrderedDict())
         self._spare = {}
         self._patch_step_function()
 
@@ -242,6 +255,10 @@ class Lookahead(Optimizer):
             return
 
         groups = self.param_groups
+        # Overrides may be edited after construction: check them before anything moves.
+        group_k = [g.get(GROUP_K, self.k) for g in groups]
+        for group in groups:
+            self._check_group(group)
         # (group index, param) of every tensor the inner optimizer is about to step.
         tracked: list[tuple[int, Tensor]] = []
         fresh: list[Tensor] = []
@@ -264,7 +281,7 @@ class Lookahead(Optimizer):
         for gi, p in tracked:
             st = inner_state[p]
             count = st.get(COUNT_KEY, 0) + 1
-            if count >= groups[gi].get(GROUP_K, self.k):
+            if count >= group_k[gi]:
                 count = 0
                 due.setdefault(gi, []).append(p)
             st[COUNT_KEY] = count
@@ -278,8 +295,9 @@ class Lookahead(Optimizer):
         return p.detach().clone(memory_format=torch.preserve_format)
 
     def _is_state_probe(self) -> bool:
-        state = self.optimizer.state
-        if any(len(s) for s in state.values()):
+        # torch.distributed.checkpoint probes only an optimizer whose state dict has no entry at all
+        # (after a "reset" sync the entries are empty but present: a real step then).
+        if self.optimizer.state:
             return False
         lrs = [g["lr"] for g in self.param_groups if "lr" in g]
         if not lrs or any(float(lr) != 0.0 for lr in lrs):
