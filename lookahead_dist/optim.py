@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["Lookahead", "PULLBACK_MODES", "SLOW_KEY", "COUNT_KEY", "slow_key_for"]
+__all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "slow_key_for"]
 
 SLOW_KEY = "lookahead_slow"
 COUNT_KEY = "lookahead_count"
@@ -35,6 +35,8 @@ DEFAULT_PULLBACK_KEYS = ("momentum_buffer", "exp_avg")
 #: Param-group keys that override ``k`` / ``alpha`` for one group.
 GROUP_K = "lookahead_k"
 GROUP_ALPHA = "lookahead_alpha"
+#: Param-group key where the α applied at the group's most recent sync is recorded (read-only info).
+LAST_ALPHA = "lookahead_last_alpha"
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -134,9 +136,8 @@ class Lookahead(Optimizer):
         if low > high:
             raise ValueError(f"Lookahead: alpha_bounds={alpha_bounds!r} must satisfy low <= high.")
         self.alpha_bounds = (float(low), float(high))
-        self.alpha_fallback = _check_alpha(
-            low if alpha_fallback is None else alpha_fallback, "alpha_fallback", allow_adaptive=False
-        )
+        fallback = low if alpha_fallback is None else alpha_fallback
+        self.alpha_fallback = float(_check_alpha(fallback, "alpha_fallback", allow_adaptive=False))
         self.pullback_keys = tuple(pullback_keys)
         self.reduce_fn = reduce_fn
         self.optimizer = optimizer
@@ -152,8 +153,6 @@ class Lookahead(Optimizer):
         self._spare: dict[Tensor, Tensor] = {}
         #: Number of step() calls in which at least one tensor synced (this process, not persisted).
         self.sync_count = 0
-        #: α applied at the most recent sync, per param-group index.
-        self.last_alpha: dict[int, float] = {}
 
     # ------------------------------------------------------------------ forwarding (rule 1)
     @property
@@ -325,7 +324,8 @@ class Lookahead(Optimizer):
         buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = defaultdict(list)
         for gi, params in due.items():
             alpha = self._group_alpha(gi, params)
-            self.last_alpha[gi] = alpha
+            # Kept in the group dict: ZeRO-1/2 shows the inner optimizer one group at a time.
+            self.param_groups[gi][LAST_ALPHA] = alpha
             for p in params:
                 buckets[(p.device, p.dtype, alpha)].append(p)
         for (_, _, alpha), fast in buckets.items():
@@ -366,6 +366,11 @@ class Lookahead(Optimizer):
                 torch._foreach_mul_(bufs, alpha)
                 for p, buf in first:
                     state[p][slow_name] = buf.clone()
+
+    @property
+    def last_alpha(self) -> dict[int, float]:
+        """α applied at the most recent sync, per param-group index (groups not yet synced are absent)."""
+        return {i: g[LAST_ALPHA] for i, g in enumerate(self.param_groups) if LAST_ALPHA in g}
 
     # ------------------------------------------------------------------ slow weights
     def tracked_params(self) -> list[Tensor]:

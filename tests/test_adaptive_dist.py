@@ -1,0 +1,84 @@
+"""alpha="adaptive" on 2 real processes under DeepSpeed ZeRO-2 and ZeRO-3 (one torchrun launch, gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist" / "adaptive_ds.py"
+STAGES = ("zero2", "zero3")
+SYNC_STEPS = {2, 5, 8, 11}  # 0-based steps ending a cycle: k=3, 12 steps
+GROUPS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("adaptive_ds") / "results.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    port = _free_port()
+    env["MASTER_PORT"] = str(port)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(SCRIPT), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _case(results: dict, name: str) -> dict:
+    case = results[name]
+    assert "error" not in case, case.get("error")
+    return case
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("stage", STAGES)
+def test_sharded_alpha_equals_single_process_alpha(results: dict, stage: str) -> None:
+    case = _case(results, stage)
+    ref = case["ref_alphas"]  # (group lr, α applied, unclipped α) per sync and group
+    assert len(ref) == len(SYNC_STEPS) * GROUPS
+    for rank_alphas in case["alphas"]:
+        assert [lr for lr, _, _ in rank_alphas] == [lr for lr, _, _ in ref]
+        for (_, applied, raw), (_, ref_applied, ref_raw) in zip(rank_alphas, ref):
+            assert raw == pytest.approx(ref_raw, rel=1e-6)
+            assert applied == pytest.approx(ref_applied, rel=1e-6)
+            assert 0.05 <= applied <= 1.0
+    # Every rank applied the same α (they derive it from the same all-reduced sums).
+    assert case["alphas"][0] == case["alphas"][1]
+    # The comparison covers estimates below, above and far from the bounds, not only clipped values.
+    raws = [raw for _, _, raw in ref]
+    assert min(raws) < 0.05 and max(raws) > 1.0 and any(0.05 < r < 1.0 or 1.0 < r < 3.0 for r in raws)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", STAGES)
+def test_collectives_fixed_adds_none_adaptive_adds_one_per_group_per_sync(results: dict, stage: str) -> None:
+    case = _case(results, stage)
+    assert case["bare_total"] > 0  # the log really saw DeepSpeed's own collectives
+    steps = len(case["extra_fixed"])
+    assert case["extra_fixed"] == [[]] * steps and case["missing_fixed"] == [[]] * steps
+    assert case["missing_adaptive"] == [[]] * steps
+    for step, extra in enumerate(case["extra_adaptive"]):
+        assert extra == ([[["all_reduce", 2], GROUPS]] if step in SYNC_STEPS else []), step
+
+
+@pytest.mark.dist
+def test_zero3_sub_groups_splitting_a_group_are_refused(results: dict) -> None:
+    case = _case(results, "zero3_subgroups")
+    assert case["pieces"] == {"0": 2, "1": 2}  # the engine really split both groups
+    message = case["subgroup_error"]
+    assert message is not None and "sub_group_size=4" in message and "fixed alpha" in message
