@@ -1,0 +1,310 @@
+"""``LookaheadCallback``: Lookahead for any LightningModule, without touching ``configure_optimizers``.
+
+    Trainer(callbacks=[LookaheadCallback(k=5, alpha=0.5)], strategy="ddp")
+
+or in a LightningCLI YAML::
+
+    trainer:
+      callbacks:
+        - class_path: lookahead_dist.callbacks.LookaheadCallback
+          init_args: {k: 5, alpha: 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lookahead_dist._versions import check_versions
+from lookahead_dist.optim import PULLBACK_MODES, SLOW_KEY, Lookahead, _check_alpha, _check_k
+
+__all__ = ["LookaheadCallback"]
+
+EVAL_WEIGHTS = ("slow", "fast")
+SUPPORTED = "single device, DDP (ddp, ddp_spawn, ddp_fork, multi-node) and DeepSpeed (ZeRO 0-3, incl. CPUDeepSpeedStrategy)"
+
+
+class LookaheadCallback(Callback):
+    """Wrap the LightningModule's optimizer(s) in :class:`~lookahead_dist.Lookahead` when fitting starts.
+
+    Args:
+        k: inner optimizer steps per cycle (optimizer steps, so ``accumulate_grad_batches`` batches count once).
+        alpha: slow-weights step size in (0, 1], or ``"adaptive"``.
+        pullback: ``"none"`` | ``"reset"`` | ``"pullback"`` (what happens to the inner optimizer's momentum at a sync).
+        alpha_bounds: ``[low, high]`` clip for ``alpha="adaptive"``.
+        optimizer_indices: which of ``configure_optimizers``' optimizers to wrap; ``None`` wraps all.
+            DeepSpeed has exactly one optimizer.
+        eval_weights: ``"slow"`` runs validation/test/predict on the slow weights φ, ``"fast"`` on θ.
+        log_distance: also log ‖θ − φ‖ on logging steps (``Trainer(log_every_n_steps=...)``).
+        log_prefix: prefix of the logged names (``syncs``, ``alpha``, ``distance``).
+
+    Strategies: single device, DDP (all launchers, several nodes), DeepSpeed ZeRO 0-3 (the engine's inner
+    optimizer is wrapped, so φ is sharded like the fp32 master weights and the sync adds no collective).
+    Anything else (FSDP, ModelParallel, XLA) raises an error in ``setup``.
+
+    Costs. Training: one extra copy of the weights the inner optimizer steps (φ; under ZeRO only this
+    rank's shard), a fused lerp + copy every ``k`` steps, no communication. Evaluation on slow weights:
+    a copy of θ is kept while φ is swapped in and θ is restored bit-exactly afterwards, so training after
+    a validation run is bit-identical to training without it; under ZeRO-3 swapping φ into the partitioned
+    parameters may cost one parameter gather per evaluation run (not per batch). ``log_distance``: local
+    partial sums of ‖θ − φ‖², plus one scalar all_reduce under ZeRO (shards) on logging steps only.
+
+    Checkpoints: φ and the per-tensor cycle counters live in the optimizer state (per rank under ZeRO), so
+    ``trainer.fit(ckpt_path=...)`` resumes mid-cycle exactly. The callback's own state is only what every
+    rank shares: ``k``, ``alpha``, ``pullback`` and the number of syncs done.
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        alpha: float | str = 0.5,
+        pullback: str = "none",
+        alpha_bounds: tuple[float, float] = (0.5, 1.0),
+        optimizer_indices: list[int] | None = None,
+        eval_weights: str = "slow",
+        log_distance: bool = False,
+        log_prefix: str = "lookahead/",
+    ) -> None:
+        super().__init__()
+        check_versions("lightning")
+        self.k = _check_k(k)
+        self.alpha = _check_alpha(alpha)
+        if pullback not in PULLBACK_MODES:
+            raise ValueError(f"LookaheadCallback: pullback={pullback!r} is unknown; use one of {PULLBACK_MODES}.")
+        self.pullback = pullback
+        low, high = alpha_bounds
+        self.alpha_bounds = (
+            _check_alpha(low, "alpha_bounds[0]", allow_adaptive=False),
+            _check_alpha(high, "alpha_bounds[1]", allow_adaptive=False),
+        )
+        if optimizer_indices is not None:
+            bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or not optimizer_indices:
+                raise ValueError(
+                    f"LookaheadCallback: optimizer_indices={optimizer_indices!r} is invalid; give a non-empty "
+                    f"list of optimizer positions in configure_optimizers' output, e.g. [0], or None for all."
+                )
+            optimizer_indices = sorted(set(optimizer_indices))
+        self.optimizer_indices = optimizer_indices
+        if eval_weights not in EVAL_WEIGHTS:
+            raise ValueError(
+                f"LookaheadCallback: eval_weights={eval_weights!r} is unknown; use 'slow' (evaluate φ) or "
+                f"'fast' (evaluate θ)."
+            )
+        self.eval_weights = eval_weights
+        self.log_distance = bool(log_distance)
+        self.log_prefix = log_prefix
+
+        #: Slow-weight syncs done (one per wrapped optimizer per sync), persisted in checkpoints.
+        self.syncs_done = 0
+        #: optimizer index -> installed wrapper (this process).
+        self.wrappers: dict[int, Lookahead] = {}
+        self._engine: Any = None  # the DeepSpeed engine, when installed there
+        self._seen_sync_counts: dict[int, int] = {}
+        self._eval_stack: ExitStack | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
+            strategy, (SingleDeviceStrategy, DDPStrategy)
+        ):
+            raise RuntimeError(
+                f"LookaheadCallback does not support the {type(strategy).__name__} strategy; it works with "
+                f"{SUPPORTED}. For FSDP-style sharding use DeepSpeed ZeRO-3 "
+                f"(lookahead_dist.strategies.CPUDeepSpeedStrategy on CPU)."
+            )
+        if isinstance(strategy, DeepSpeedStrategy):
+            config = strategy.config or {}
+            if "lookahead" in config:
+                raise ValueError(
+                    "LookaheadCallback: the DeepSpeed config already has a 'lookahead' section (CPUDeepSpeedStrategy "
+                    "and lookahead_dist.deepspeed.initialize install Lookahead from it), so Lookahead would be "
+                    "installed twice. Remove the 'lookahead' section from the config or remove the callback."
+                )
+            if self.optimizer_indices not in (None, [0]):
+                raise ValueError(
+                    f"LookaheadCallback: optimizer_indices={self.optimizer_indices} but DeepSpeed has exactly one "
+                    f"optimizer; use None or [0]."
+                )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            self._install_deepspeed(strategy)
+        else:
+            self._install_plain(trainer)
+        self._seen_sync_counts = {i: w.sync_count for i, w in self.wrappers.items()}
+
+    def _install_deepspeed(self, strategy: DeepSpeedStrategy) -> None:
+        from lookahead_dist.deepspeed import find_lookahead, install
+
+        engine = strategy.deepspeed_engine
+        existing = find_lookahead(engine)
+        if existing is not None:
+            if self.wrappers.get(0) is existing:  # a second fit() with the same trainer
+                return
+            raise ValueError(
+                "LookaheadCallback: the DeepSpeed engine's optimizer is already a Lookahead (installed by "
+                "lookahead_dist.deepspeed.install/initialize or a 'lookahead' config section); remove one of them."
+            )
+        extra: dict[str, Any] = {"alpha_bounds": self.alpha_bounds} if self.alpha == "adaptive" else {}
+        self.wrappers = {0: install(engine, k=self.k, alpha=self.alpha, pullback=self.pullback, **extra)}
+        self._engine = engine
+
+    def _install_plain(self, trainer: pl.Trainer) -> None:
+        optimizers = list(trainer.strategy.optimizers)
+        if not optimizers:
+            raise RuntimeError(
+                "LookaheadCallback: the LightningModule has no optimizer (configure_optimizers returned None); "
+                "remove the callback or return an optimizer."
+            )
+        indices = self.optimizer_indices if self.optimizer_indices is not None else range(len(optimizers))
+        out_of_range = [i for i in indices if i >= len(optimizers)]
+        if out_of_range:
+            raise ValueError(
+                f"LookaheadCallback: optimizer_indices={self.optimizer_indices} but configure_optimizers returned "
+                f"{len(optimizers)} optimizer(s); use indices in 0..{len(optimizers) - 1}."
+            )
+        for i in indices:
+            opt = optimizers[i]
+            if isinstance(opt, Lookahead):
+                if self.wrappers.get(i) is opt:  # a second fit() with the same trainer
+                    continue
+                raise ValueError(
+                    f"LookaheadCallback: optimizer {i} is already a Lookahead; remove the callback or the "
+                    f"Lookahead in configure_optimizers."
+                )
+            # LR schedulers keep pointing at the inner optimizer; its param_groups are the wrapper's.
+            self.wrappers[i] = Lookahead(
+                opt, k=self.k, alpha=self.alpha, pullback=self.pullback, alpha_bounds=self.alpha_bounds
+            )
+            optimizers[i] = self.wrappers[i]
+        # The setter rebuilds the LightningOptimizers that training_step / optimizer_step use.
+        trainer.strategy.optimizers = optimizers
+
+    # ------------------------------------------------------------------ evaluation on slow weights
+    def _enter_eval(self) -> None:
+        if self.eval_weights != "slow" or self._eval_stack is not None or not self.wrappers:
+            return
+        stack = ExitStack()
+        if self._engine is not None:
+            from lookahead_dist.deepspeed import use_slow_weights
+
+            stack.enter_context(use_slow_weights(self._engine))
+        else:
+            for wrapper in self.wrappers.values():
+                stack.enter_context(wrapper.use_slow_weights())
+        self._eval_stack = stack
+
+    def _exit_eval(self) -> None:
+        stack, self._eval_stack = self._eval_stack, None
+        if stack is not None:
+            stack.close()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_eval()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_eval()
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enter_eval()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exit_eval()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._exit_eval()
+
+    # ------------------------------------------------------------------ logging
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for i, wrapper in self.wrappers.items():
+            if wrapper.sync_count != self._seen_sync_counts.get(i, 0):
+                self.syncs_done += 1
+                self._seen_sync_counts[i] = wrapper.sync_count
+        if not trainer.loggers:
+            return
+        log = self._logger(pl_module)
+        log("syncs", float(self.syncs_done))
+        several = len(self.wrappers) > 1
+        for i, wrapper in self.wrappers.items():
+            opt_suffix = f"_opt{i}" if several else ""
+            for gi, alpha in sorted(wrapper.last_alpha.items()):
+                group_suffix = f"_group{gi}" if len(wrapper.param_groups) > 1 or gi > 0 else ""
+                log(f"alpha{opt_suffix}{group_suffix}", float(alpha))
+        if self.log_distance and trainer._logger_connector.should_update_logs:
+            for i, distance in self._distances().items():
+                log(f"distance_opt{i}" if several else "distance", distance)
+
+    def _logger(self, pl_module: pl.LightningModule) -> Any:
+        def log(name: str, value: float) -> None:
+            pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False, batch_size=1)
+
+        return log
+
+    def _distances(self) -> dict[int, float]:
+        """‖θ − φ‖ per wrapped optimizer; under ZeRO the local shard sums are all_reduced (one scalar each)."""
+        out = {}
+        for i, wrapper in self.wrappers.items():
+            if self._engine is None:
+                # DDP replicas hold the same θ and φ: the local sum is already the total.
+                out[i] = math.sqrt(float(wrapper.fast_slow_distance_sq()))
+                continue
+            partial = _local_distance_sq(wrapper)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                if torch.distributed.get_backend() != "gloo":  # NCCL reduces device tensors only
+                    partial = partial.to(self._engine.device)
+                torch.distributed.all_reduce(partial)
+            out[i] = math.sqrt(max(float(partial.cpu()), 0.0))
+        return out
+
+    # ------------------------------------------------------------------ checkpoint (rank-independent state)
+    def state_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "alpha": self.alpha, "pullback": self.pullback, "syncs_done": self.syncs_done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.syncs_done = int(state_dict.get("syncs_done", 0))
+        saved = {key: state_dict.get(key) for key in ("k", "alpha", "pullback")}
+        now = {"k": self.k, "alpha": self.alpha, "pullback": self.pullback}
+        if saved != now:
+            rank_zero_warn(
+                f"LookaheadCallback: the checkpoint was trained with {saved}, this run uses {now}; "
+                f"the new settings apply from the resumed step on."
+            )
+
+
+def _local_distance_sq(wrapper: Lookahead) -> torch.Tensor:
+    """Σ‖θ − φ‖² over every tensor with slow weights in the inner optimizer's state, fp64.
+
+    Goes through ``state`` rather than ``param_groups`` because ZeRO-3 fills the inner optimizer's
+    param_groups only while it steps; the state keys are this rank's fp32 partitions either way.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for p, st in wrapper.state.items():
+            slow = st.get(SLOW_KEY) if isinstance(st, dict) else None
+            if slow is not None:
+                total += torch.linalg.vector_norm((p - slow).double()).cpu() ** 2
+    return total

@@ -1,0 +1,105 @@
+"""A DeepSpeed strategy for Lightning that also runs on CPU (gloo), to debug DeepSpeed configs on a laptop.
+
+Lightning's ``DeepSpeedStrategy`` refuses any accelerator but CUDA. DeepSpeed itself runs on CPU; only
+Lightning's environment check and device selection assume GPUs. ``CPUDeepSpeedStrategy`` replaces those three
+pieces and nothing else::
+
+    from lookahead_dist.strategies import CPUDeepSpeedStrategy
+    Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(config="configs/zero2.json"))
+
+Importing this module registers the name ``"deepspeed_cpu"`` (ZeRO stage 2 unless ``config`` says otherwise)
+and ``"deepspeed_cpu_stage_1"`` / ``_2`` / ``_3`` in Lightning's strategy registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+
+__all__ = ["CONFIG_DIR", "CPUDeepSpeedStrategy"]
+
+#: The repository's DeepSpeed JSON configs (present in a source checkout, not in a wheel).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _resolve_config(config: Any) -> Any:
+    """Accept a dict, a path, or the bare name of a JSON file in the repository's ``configs/``."""
+    if not isinstance(config, (str, Path)) or Path(config).is_file():
+        return config
+    for candidate in (CONFIG_DIR / str(config), CONFIG_DIR / f"{config}.json"):
+        if candidate.is_file():
+            return str(candidate)
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+    raise FileNotFoundError(
+        f"CPUDeepSpeedStrategy: config={str(config)!r} is neither a file nor a config in {CONFIG_DIR}; "
+        f"pass a path to a DeepSpeed JSON file or a dict" + (f", or one of {known}." if known else ".")
+    )
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` that accepts ``accelerator="cpu"`` (one process per "device", gloo backend).
+
+    Takes every argument of ``DeepSpeedStrategy``; ``config`` may also be the name of a JSON file in the
+    repository's ``configs/`` folder (``"zero2"`` or ``"zero2.json"``). fp16 is refused by DeepSpeed on
+    CPU; use ``precision="bf16-mixed"`` or 32-bit. It is meant for debugging and tests, not for speed.
+
+    A ``"lookahead"`` section in the config installs Lookahead on the engine's optimizer (see
+    ``lookahead_dist.deepspeed``); do not combine it with ``LookaheadCallback``, which then raises.
+    """
+
+    strategy_name = "deepspeed_cpu"
+
+    def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, config=_resolve_config(config), **kwargs)
+
+    def setup_environment(self) -> None:
+        # Skip DeepSpeedStrategy's CUDA-only check; keep DDP's environment set-up.
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        # DeepSpeedStrategy validates CUDA device indices here; CPU "devices" have none to validate.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
+
+    def _setup_model_and_optimizer(
+        self, model: Any, optimizer: Any, lr_scheduler: Any = None
+    ) -> tuple[Any, Any]:
+        # A "lookahead" config section is ours, not DeepSpeed's: hide it from deepspeed.initialize and
+        # install Lookahead from it afterwards (as lookahead_dist.deepspeed.initialize does). It stays in
+        # self.config so that LookaheadCallback can refuse to install a second one.
+        section = self.config.pop("lookahead", None) if isinstance(self.config, dict) else None
+        try:
+            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        finally:
+            if section is not None:
+                self.config["lookahead"] = section
+        if section is not None and engine.optimizer is not None:
+            from .deepspeed import install, parse_lookahead_config
+
+            install(engine, **parse_lookahead_config(section))
+        return engine, ds_optimizer
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if "deepspeed_cpu" in strategy_registry:
+            return
+        strategy_registry.register(
+            "deepspeed_cpu", cls, description="DeepSpeed on CPU (gloo), ZeRO stage 2", stage=2
+        )
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"deepspeed_cpu_stage_{stage}", cls, description=f"DeepSpeed on CPU, ZeRO stage {stage}",
+                stage=stage,
+            )
+
+
+CPUDeepSpeedStrategy.register_strategies(StrategyRegistry)

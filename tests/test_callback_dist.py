@@ -1,0 +1,110 @@
+"""LookaheadCallback under DDP and DeepSpeed ZeRO-1/2/3 (CPUDeepSpeedStrategy), 2 processes, and on
+2 "nodes" x 1 process, against the single-process reference. Each launch runs tests/dist/pl_equiv.py,
+which runs every case in sequence and writes one JSON file (see that script for what it measures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist" / "pl_equiv.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+CASES = ["ddp", "zero1", "zero2", "zero3"]
+SECTION_CASE = "zero2_section"  # no callback; CPUDeepSpeedStrategy applies the config's "lookahead" section
+OFFSETS = [4, 5]  # k=3: resume one and two steps into a cycle
+MULTINODE_CASES = ["ddp", "zero2"]
+TOL = 1e-5  # all-reduced gradients vs. one full-batch gradient: float rounding only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def _check(proc_outputs: list[str], out: Path) -> dict[str, Any]:
+    assert out.exists(), "pl_equiv.py wrote no results:\n" + "\n".join(o[-4000:] for o in proc_outputs)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("pl_equiv")
+    out = tmp / "results.json"
+    cmd = TORCHRUN + [
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPT), "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE]),
+        "--offsets", ",".join(map(str, OFFSETS)), "--tmp", str(tmp),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    return _check([proc.stdout + proc.stderr], out)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("pl_multinode")
+    out = tmp / "results.json"
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            TORCHRUN + [
+                "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                "--master_addr", "127.0.0.1", "--master_port", port,
+                str(SCRIPT), "--out", str(out), "--cases", ",".join(MULTINODE_CASES),
+                "--num-nodes", "2", "--offsets", "", "--tmp", str(tmp),
+            ],
+            env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    return _check(outputs, out)
+
+
+def _assert_matches_reference(result: dict[str, Any], offsets: list[int]) -> None:
+    assert "error" not in result, result.get("trace", result.get("error"))
+    assert result["theta"] < TOL, "fast weights differ from the reference"
+    assert result["phi"] < TOL, "slow weights differ from the reference"
+    assert result["val_count"] == 2 and result["val"] < 1e-4, "validation did not run on the reference's φ"
+    assert result["distance"] < 1e-5, "logged ||θ - φ|| differs from the reference"
+    assert result["syncs_logged"] == result["syncs_done"] == 8 // 3
+    assert result["alpha_logged"] == 0.5
+    for s in offsets:
+        assert result[f"resume_{s}"] == 0.0, f"resume at step {s} is not bit-identical"
+        assert result[f"resume_{s}_syncs"] == 8 // 3
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_match_reference_and_resume_exactly(two_procs: dict[str, Any], case: str) -> None:
+    assert case in two_procs, f"{case} did not run (an earlier case failed?): {list(two_procs)}"
+    _assert_matches_reference(two_procs[case], OFFSETS)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", MULTINODE_CASES)
+def test_two_nodes_match_reference(two_nodes: dict[str, Any], case: str) -> None:
+    assert case in two_nodes, f"{case} did not run (an earlier case failed?): {list(two_nodes)}"
+    _assert_matches_reference(two_nodes[case], [])
+
+
+@pytest.mark.dist
+def test_deepspeed_config_section_installs_lookahead_without_callback(two_procs: dict[str, Any]) -> None:
+    result = two_procs.get(SECTION_CASE, {"error": "did not run"})
+    assert "error" not in result, result.get("trace", result.get("error"))
+    assert result["theta"] < TOL and result["phi"] < TOL
