@@ -258,27 +258,27 @@ class Lookahead(Optimizer):
         group_k = [g.get(GROUP_K, self.k) for g in groups]
         for group in groups:
             self._check_group(group)
-        # (group index, param) of every tensor the inner optimizer is about to step.
-        tracked: list[tuple[int, Tensor]] = []
-        fresh: list[Tensor] = []
+        # (group index, param, its inner state) of every tensor the inner optimizer is about to step.
+        tracked: list[tuple[int, Tensor, dict[str, Any]]] = []
+        fresh: list[tuple[int, Tensor]] = []
         for gi, group in enumerate(groups):
             for p in group["params"]:
                 st = inner_state.get(p)
                 if st is not None and SLOW_KEY in st:
-                    tracked.append((gi, p))
+                    tracked.append((gi, p, st))
                 elif p.grad is not None:
-                    tracked.append((gi, p))
-                    fresh.append(p)
+                    fresh.append((gi, p))
         # φ₀ = θ before this step; inserted only after the inner step (rule 3).
-        snapshots = [self._snapshot(p) for p in fresh]
+        snapshots = [self._snapshot(p) for _, p in fresh]
 
         self.optimizer.step()
 
-        for p, snap in zip(fresh, snapshots):
-            inner_state[p][SLOW_KEY] = snap
-        due: dict[int, list[Tensor]] = {}
-        for gi, p in tracked:
+        for (gi, p), snap in zip(fresh, snapshots):
             st = inner_state[p]
+            st[SLOW_KEY] = snap
+            tracked.append((gi, p, st))
+        due: dict[int, list[Tensor]] = {}
+        for gi, p, st in tracked:
             count = st.get(COUNT_KEY, 0) + 1
             if count >= group_k[gi]:
                 count = 0
