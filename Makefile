@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-build-isolation $(DEEPSPEED)
 	$(BIN)/pip install -q -e '.[deepspeed,lightning,examples,test]'
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was changed to ' + v + ' by a dependency; expected 2.13.0')"
+	@# DeepSpeed JIT-compiles its CPU ops on first use (minutes); build them once here, not inside a test.
+	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; [b.load(verbose=False) for b in (CPUAdamBuilder(), ShareMemCommBuilder())]"
 	touch $(STAMP)
 
 test: $(STAMP)

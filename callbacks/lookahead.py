@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lookahead_dist._versions import check_versions
-from lookahead_dist.optim import PULLBACK_MODES, SLOW_KEY, Lookahead, _check_alpha, _check_k
+from lookahead_dist.optim import PULLBACK_MODES, Lookahead, _check_alpha, _check_k
 
 __all__ = ["LookaheadCallback"]
 
@@ -272,7 +272,7 @@ class LookaheadCallback(Callback):
                 # DDP replicas hold the same θ and φ: the local sum is already the total.
                 out[i] = math.sqrt(float(wrapper.fast_slow_distance_sq()))
                 continue
-            partial = _local_distance_sq(wrapper)
+            partial = wrapper.fast_slow_distance_sq()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 if torch.distributed.get_backend() != "gloo":  # NCCL reduces device tensors only
                     partial = partial.to(self._engine.device)
@@ -293,18 +293,3 @@ class LookaheadCallback(Callback):
                 f"LookaheadCallback: the checkpoint was trained with {saved}, this run uses {now}; "
                 f"the new settings apply from the resumed step on."
             )
-
-
-def _local_distance_sq(wrapper: Lookahead) -> torch.Tensor:
-    """Σ‖θ − φ‖² over every tensor with slow weights in the inner optimizer's state, fp64.
-
-    Goes through ``state`` rather than ``param_groups`` because ZeRO-3 fills the inner optimizer's
-    param_groups only while it steps; the state keys are this rank's fp32 partitions either way.
-    """
-    total = torch.zeros((), dtype=torch.float64)
-    with torch.no_grad():
-        for p, st in wrapper.state.items():
-            slow = st.get(SLOW_KEY) if isinstance(st, dict) else None
-            if slow is not None:
-                total += torch.linalg.vector_norm((p - slow).double()).cpu() ** 2
-    return total

@@ -471,15 +471,24 @@ def load_checkpoint(
 ) -> tuple[Any, Any]:
     """``engine.load_checkpoint`` plus, for universal checkpoints, :func:`restore_after_universal_load`.
 
-    For regular (same world size) checkpoints it is exactly ``engine.load_checkpoint``.
+    An engine set up by :func:`lookahead_dist.deepspeed.install` already does this in its own
+    ``load_checkpoint``; this function is for engines whose Lookahead was installed another way.
     """
     result = engine.load_checkpoint(load_dir, tag=tag, **load_kwargs)
+    if not getattr(engine.load_checkpoint, "lookahead_restores_universal", False):
+        restore_if_universal(engine, load_dir, tag, load_kwargs, result)
+    return result
+
+
+def restore_if_universal(
+    engine: Any, load_dir: str | os.PathLike, tag: str | None, load_kwargs: dict[str, Any], result: Any
+) -> None:
+    """Run :func:`restore_after_universal_load` when ``engine.load_checkpoint`` loaded a universal one."""
     loads_optimizer = load_kwargs.get("load_optimizer_states", True) and not load_kwargs.get(
         "load_module_only"
     )
     if result[0] is not None and engine.load_universal_checkpoint() and loads_optimizer:
         restore_after_universal_load(engine, load_dir, tag)
-    return result
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -310,6 +310,10 @@ def install(
         )
     _refuse_unsupported(engine)
     kind = _holder_kind(engine)
+    if kind == "zero3" and alpha == "adaptive":
+        from .adaptive import check_zero3_sub_groups
+
+        check_zero3_sub_groups(engine.optimizer)
     sharded = kind in ("zero12", "zero3", "bf16")
     make = lambda inner: Lookahead(
         inner,
@@ -326,7 +330,28 @@ def install(
     else:
         lookahead = make(engine.optimizer.optimizer)
         engine.optimizer.optimizer = lookahead
+    _complete_universal_loads(engine)
     return lookahead
+
+
+def _complete_universal_loads(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` restore Lookahead's state from universal checkpoints too.
+
+    DeepSpeed's universal loader restores only the optimizer-state keys it knows (ZeRO-3) and never the
+    cycle counters; without this, a resume at another world size would silently restart the cycle.
+    Regular checkpoints need nothing: φ and the counters are in the per-rank optimizer state.
+    """
+    from .checkpoint import restore_if_universal
+
+    original = engine.load_checkpoint
+
+    def load_checkpoint(load_dir: Any, tag: Any = None, **kwargs: Any) -> Any:
+        result = original(load_dir, tag=tag, **kwargs)
+        restore_if_universal(engine, load_dir, tag, kwargs, result)
+        return result
+
+    load_checkpoint.lookahead_restores_universal = True  # type: ignore[attr-defined]
+    engine.load_checkpoint = load_checkpoint
 
 
 # ---------------------------------------------------------------------------------------- slow weights

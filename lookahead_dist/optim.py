@@ -374,11 +374,12 @@ class Lookahead(Optimizer):
 
     # ------------------------------------------------------------------ slow weights
     def tracked_params(self) -> list[Tensor]:
-        """Tensors the inner optimizer steps that already have slow weights."""
-        state = self.optimizer.state
-        return [
-            p for g in self.param_groups for p in g["params"] if SLOW_KEY in state.get(p, {})
-        ]
+        """Tensors that have slow weights, in the order they got them.
+
+        Read from the inner optimizer's state, not its param_groups: DeepSpeed ZeRO-3 fills those only
+        while it steps a sub-group.
+        """
+        return [p for p, st in self.optimizer.state.items() if SLOW_KEY in st]
 
     @contextmanager
     def use_slow_weights(self) -> Iterator[None]:
@@ -397,11 +398,14 @@ class Lookahead(Optimizer):
                 torch._foreach_copy_(params, fast_backup)
 
     def fast_slow_distance_sq(self) -> Tensor:
-        """Σ‖θ − φ‖² over the tensors this process steps (a local partial sum under sharding), fp64."""
+        """Σ‖θ − φ‖² over the tensors this process steps, fp64 on CPU.
+
+        Under ZeRO this is the partial sum over this rank's shard; the caller reduces it.
+        """
         params = self.tracked_params()
         if not params:
             return torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
             diffs = torch._foreach_sub(params, [self.optimizer.state[p][SLOW_KEY] for p in params])
-            norms = torch._foreach_norm(diffs)
-            return sum((n.double().cpu() ** 2 for n in norms), torch.zeros((), dtype=torch.float64))
+            squares = [torch.linalg.vector_norm(d, dtype=torch.float64).square().cpu() for d in diffs]
+            return torch.stack(squares).sum()

@@ -133,7 +133,7 @@ def run_case(name: str, case: dict, phase: str, workdir: Path, rank: int, world:
     import deepspeed
     import deepspeed.comm as dist
 
-    from lookahead_dist.checkpoint import load_checkpoint, to_universal
+    from lookahead_dist.checkpoint import to_universal
     from lookahead_dist.deepspeed import install
 
     ref = reference(case["pullback"])
@@ -160,7 +160,8 @@ def run_case(name: str, case: dict, phase: str, workdir: Path, rank: int, world:
         dist.barrier()
         return result
 
-    load_checkpoint(engine, str(save_dir), tag=f"step{SAVE_AT}_universal")
+    # install() makes the bare engine.load_checkpoint complete universal loads (φ, counters).
+    engine.load_checkpoint(str(save_dir), tag=f"step{SAVE_AT}_universal")
     counts = sorted({st.get("lookahead_count") for st in engine.optimizer.optimizer.state.values()})
     result["counts_after_load"] = counts
     train(engine, SAVE_AT, TOTAL, rank, world)
