@@ -110,12 +110,21 @@ def counted(fn: Any) -> list[tuple[str, int]]:
     return list(COMM_LOG)
 
 
+def _unfused_masters(engine: Any) -> dict[Any, Any]:
+    """Stage 0 + bf16/fp16 (FP16_UnfusedOptimizer): bit16 parameter -> its fp32 master copy."""
+    opt = engine.optimizer
+    if type(opt).__name__ != "FP16_UnfusedOptimizer":
+        return {}
+    return {p: m for g16, g32 in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(g16, g32)}
+
+
 def masters(engine: Any) -> dict[str, list[float]]:
     out = {}
+    unfused = _unfused_masters(engine)
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
-        if full is None:  # stage 0: the model weights are the masters
-            full = p
+        if full is None:  # stage 0: the fp32 copies of FP16_UnfusedOptimizer, or the fp32 weights
+            full = unfused.get(p, p)
         out[name] = full.detach().float().flatten().tolist()
     return out
 
@@ -143,9 +152,10 @@ def phi_record(engine: Any) -> dict[str, Any]:
         elif hasattr(opt, "fp32_groups_flat_partition"):
             flats, parts, masters_ = opt.bf16_groups_flat, opt.bf16_partitioned_groups, opt.fp32_groups_flat_partition
             groups = opt.bf16_groups
-        else:  # stage 0: one tensor per parameter
+        else:  # stage 0: one tensor per parameter (its fp32 master under bf16)
+            unfused = _unfused_masters(engine)
             for p in engine.module.parameters():
-                pieces.append({"master": p, "layout": [{"name": names[p], "flat_offset": 0, "param_start": 0,
+                pieces.append({"master": unfused.get(p, p), "layout": [{"name": names[p], "flat_offset": 0, "param_start": 0,
                                                         "len": p.numel()}]})
             flats = []
         for i, flat in enumerate(flats):

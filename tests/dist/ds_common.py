@@ -107,6 +107,9 @@ CASES: dict[str, dict] = {
     "zero3_persist": {"config": "zero3.json", "override": {"zero_optimization": {
         "stage3_param_persistence_threshold": 20, "sub_group_size": 100}},
         "model": "mlp", "optim": "adamw", "sched": False, "nan": 9},
+    "stage0_bf16": {"config": "zero1_bf16.json", "override": {"zero_optimization": {"stage": 0},
+                                                          "data_types": {"grad_accum_dtype": "bf16"}},
+                    "model": "probe", "optim": "adamw", "sched": False, "nan": None},
     "zero1_bf16": {"config": "zero1_bf16.json", "model": "probe", "optim": "adamw", "sched": True, "nan": None},
     "zero2_bf16": {"config": "zero2_bf16.json", "model": "probe", "optim": "adamw", "sched": False, "nan": None},
     "zero3_bf16": {"config": "zero3_bf16.json", "override": {"zero_optimization": {

@@ -1,0 +1,1 @@
+"""Runnable examples: a Transformer language model (``examples.lm``) and translation model (``examples.nmt``)."""
