@@ -198,7 +198,16 @@ class LookaheadCallback(Callback):
 
     # ------------------------------------------------------------------ evaluation on slow weights
     def _enter_eval(self) -> None:
-        if self.eval_weights != "slow" or self._eval_stack is not None or not self.wrappers:
+        if self.eval_weights != "slow" or self._eval_stack is not None:
+            return
+        if not self.wrappers:
+            # e.g. trainer.test(ckpt_path=...) in a new Trainer: Lightning restores no optimizer state
+            # outside fit, so there are no slow weights to swap in.
+            rank_zero_warn(
+                "LookaheadCallback: eval_weights='slow' but Lookahead was not installed in this Trainer "
+                "(no fit ran), so evaluation uses the model's (fast) weights. Evaluate right after fit, or "
+                "export the slow weights (lookahead_dist.checkpoint slow-weights for DeepSpeed checkpoints)."
+            )
             return
         stack = ExitStack()
         if self._engine is not None:
