@@ -15,11 +15,10 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from lightning.pytorch.loggers import Logger
-
 from lookahead_dist import Lookahead, LookaheadCallback
 from lookahead_dist.optim import SLOW_KEY
 from tests.dist.pl_common import (
+    Capture,
     TinyModule,
     global_batch,
     loader,
@@ -34,26 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 B = 8  # rows per batch (one process)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-
-
-class Capture(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.setdefault(int(step or 0), {}).update(metrics)
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def fit(

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
 
 from tests.reference import ReferenceLookahead
 
@@ -191,3 +192,25 @@ def val_loss(params: list[torch.Tensor], val_rows: int = 64) -> float:
             p.copy_(v)
         x, y = make_data()
         return float(nn.functional.mse_loss(net(x[:val_rows]), y[:val_rows], reduction="sum"))
+
+
+class Capture(Logger):
+    """Keeps logged metrics in memory: {step: {name: value}}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.setdefault(int(step or 0), {}).update(metrics)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass

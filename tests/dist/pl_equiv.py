@@ -30,39 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 
 from lookahead_dist import LookaheadCallback
 from lookahead_dist.optim import SLOW_KEY
 from lookahead_dist.strategies import CPUDeepSpeedStrategy
-from tests.dist.pl_common import TinyModule, loader, reference_run, slow_of, val_loss
+from tests.dist.pl_common import Capture, TinyModule, loader, reference_run, slow_of, val_loss
 from tests.reference import max_abs_diff
 
 warnings.filterwarnings("ignore")
 K, ALPHA, STEPS, PER_RANK, VAL_EVERY = 3, 0.5, 8, 4, 4
-
-
-class Capture(Logger):
-    """Keeps logged metrics in memory: {step: {name: value}}."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: dict[int, dict[str, float]] = {}
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.setdefault(int(step or 0), {}).update(metrics)
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def make_strategy(case: str) -> Any:
