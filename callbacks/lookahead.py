@@ -87,8 +87,8 @@ class LookaheadCallback(Callback):
         self.pullback = pullback
         low, high = alpha_bounds
         self.alpha_bounds = (
-            _check_alpha(low, "alpha_bounds[0]", allow_adaptive=False),
-            _check_alpha(high, "alpha_bounds[1]", allow_adaptive=False),
+            float(_check_alpha(low, "alpha_bounds[0]", allow_adaptive=False)),
+            float(_check_alpha(high, "alpha_bounds[1]", allow_adaptive=False)),
         )
         if optimizer_indices is not None:
             bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
@@ -122,7 +122,7 @@ class LookaheadCallback(Callback):
         if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
             strategy, (SingleDeviceStrategy, DDPStrategy)
         ):
-            raise RuntimeError(
+            raise RuntimeError(  # noqa: TRY004 - a configuration the callback cannot serve, not a bad argument type
                 f"LookaheadCallback does not support the {type(strategy).__name__} strategy; it works with "
                 f"{SUPPORTED}. For FSDP-style sharding use DeepSpeed ZeRO-3 "
                 f"(lookahead_dist.strategies.CPUDeepSpeedStrategy on CPU)."

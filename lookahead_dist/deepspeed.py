@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ._versions import check_versions
-from .optim import PULLBACK_MODES, SLOW_KEY, Lookahead, _check_alpha, _check_k
+from .optim import PULLBACK_MODES, SLOW_KEY, AlphaSpec, Lookahead, _check_alpha, _check_k
 
 __all__ = [
     "CONFIG_KEY",
@@ -167,7 +167,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     check_versions("deepspeed")
     bound = inspect.signature(deepspeed.initialize).bind(*args, **kwargs)
     arguments = bound.arguments
-    ds_args = arguments.get("args")
+    ds_args: Any = arguments.get("args")
     if arguments.get("config") is not None:
         source = arguments["config"]
     elif arguments.get("config_params") is not None:
@@ -288,7 +288,7 @@ def _dp_all_reduce(engine: Any) -> Any:
 
 
 def install(
-    engine: Any, k: int = 5, alpha: float | str = 0.5, pullback: str = "none", **kwargs: Any
+    engine: Any, k: int = 5, alpha: AlphaSpec = 0.5, pullback: str = "none", **kwargs: Any
 ) -> Lookahead:
     """Wrap the engine's inner optimizer in :class:`Lookahead` and return it.
 

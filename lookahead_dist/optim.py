@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_post_hooks",
 )
 
-AlphaSpec = Union[float, Literal["adaptive"]]
+AlphaSpec = float | Literal["adaptive"]
 #: Sums a small fp64 tensor across the processes that each hold a shard of the weights, in place.
 ReduceFn = Callable[[Tensor], None]
 

@@ -54,7 +54,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     strategy_name = "deepspeed_cpu"
 
     def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, config=_resolve_config(config), **kwargs)
+        super().__init__(*args, config=_resolve_config(config), **kwargs)  # type: ignore[misc]
 
     def setup_environment(self) -> None:
         # Skip DeepSpeedStrategy's CUDA-only check; keep DDP's environment set-up.
@@ -80,7 +80,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         try:
             engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         finally:
-            if section is not None:
+            if section is not None and isinstance(self.config, dict):
                 self.config["lookahead"] = section
         if section is not None and engine.optimizer is not None:
             from .deepspeed import install, parse_lookahead_config

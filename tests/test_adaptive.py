@@ -46,7 +46,7 @@ def test_exact_quadratic_alpha_is_line_minimiser():
     assert 0.01 < expected < 1.0, expected  # the setup really exercises an interior optimum
     assert opt.last_alpha[0] == pytest.approx(expected, rel=1e-5)
     # It is the line minimiser: nudging α either way raises the loss.
-    line = lambda t: quadratic_loss(x0 + t * (ref - x0), a, x_star)  # noqa: E731
+    line = lambda t: quadratic_loss(x0 + t * (ref - x0), a, x_star)
     assert line(expected) < line(expected - 1e-3) and line(expected) < line(expected + 1e-3)
     # And the weights moved to φ + α(θ_k − φ).
     assert torch.allclose(x.detach().double(), x0 + expected * (ref - x0), rtol=1e-5, atol=1e-6)

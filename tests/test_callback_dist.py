@@ -51,7 +51,7 @@ def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         str(SCRIPT), "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE]),
         "--offsets", ",".join(map(str, OFFSETS)), "--tmp", str(tmp),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
     return _check([proc.stdout + proc.stderr], out)
 
 
