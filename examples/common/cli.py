@@ -39,7 +39,8 @@ class ExampleCLI(LightningCLI):
             model_class,
             datamodule_class,
             parser_kwargs={sub: {"default_config_files": [base]} for sub in ("fit", "validate", "test")},
-            trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True)]},
+            # last.ckpt is a link to the newest checkpoint, not a second copy of it (GBs for a pretrained model)
+            trainer_defaults={"callbacks": [ModelCheckpoint(save_last="link")]},
             save_config_kwargs={"overwrite": True},
             **kwargs,
         )
@@ -48,4 +49,7 @@ class ExampleCLI(LightningCLI):
         trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(str(Path(trainer_config.get("default_root_dir") or "out")))
+        if trainer_config.get("enable_checkpointing") is False:
+            # Lightning refuses a ModelCheckpoint callback when checkpointing is off: leave ours out then.
+            self.trainer_defaults.pop("callbacks", None)
         return super().instantiate_trainer(**kwargs)

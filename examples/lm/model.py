@@ -84,9 +84,11 @@ def build_causal_lm(
     if pretrained is not None:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             resolve_pretrained(pretrained), gguf_file=gguf_file, dtype=torch.float32
         )
+        # from_pretrained returns the model in eval mode and Lightning keeps submodules' modes: train it as such.
+        return model.train()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if n_embd % n_head:
