@@ -10,7 +10,7 @@ its own subprocess, same seed (``seed_everything`` in configs/lm_base.yaml), dat
 
 Reads each run's ``logs/metrics.csv`` (``val_ppl``, ``lookahead/alpha``, ``lookahead/syncs``), prints a table (final
 and best validation perplexity, mean α over syncs and how often it sat at a bound, wall time), writes
-``bench_adaptive.png`` (validation perplexity and α over steps) and ``RESULTS_adaptive.md``.
+``bench_adaptive.png`` (validation perplexity and α over steps) and the "bench_adaptive" section of RESULTS.md.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py             # 300 steps, val every 50
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py --steps 20 --val-every 10   # smoke run
@@ -32,8 +32,20 @@ sys.path.insert(0, str(REPO))
 
 from examples.common.runs import read_metrics, run_cli, series
 
+sys.path.insert(0, str(HERE))
+from bench_sync import update_section  # the shared RESULTS.md section writer
+
+SECTION = "bench_adaptive"
+
 SETUP = "configs/lm_cpu.yaml"
 MARKER = "<!-- hand-written reading below -->"
+
+
+def read_section(path: Path, name: str) -> str:
+    """The current text of ``name``'s section of RESULTS.md ("" when there is none)."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = path.read_text() if path.exists() else ""
+    return text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
 DEFAULT_READING = "\n\nOne seed, one short run: read differences of a few percent in perplexity as noise.\n"
 RUNS: dict[str, dict] = {
     "adamw": {"dir": "adamw", "args": []},
@@ -203,10 +215,12 @@ def main() -> None:
     png = args.results_dir / "bench_adaptive.png"
     plot(results, png)
     commands = "\n".join(r["command"] for r in results)
-    md = args.results_dir / "RESULTS_adaptive.md"
+    md = args.results_dir / "RESULTS.md"
     # The hand-written reading below the marker survives a re-run (update it when the numbers change).
-    kept = md.read_text().partition(MARKER)[2] if md.exists() and MARKER in md.read_text() else ""
-    md.write_text(
+    kept = read_section(md, SECTION).partition(MARKER)[2]
+    update_section(
+        md,
+        SECTION,
         "## Adaptive α on the LM example (bench_adaptive)\n\n"
         f"Produced by `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py --steps {args.steps} "
         f"--val-every {args.val_every}` ({total:.0f} s in all) on {platform.machine()} Linux, "
@@ -220,7 +234,7 @@ def main() -> None:
         "gradient and A AdamW's bias-corrected second moment, clipped to the bounds (`lookahead_dist/adaptive.py`).\n\n"
         f"Commands (one subprocess each):\n\n```\n{commands}\n```\n\n"
         f"{text}\n\n![validation perplexity and α]({png.name})\n\n"
-        f"{interpretation(results)}\n\n{MARKER}{kept or DEFAULT_READING}"
+        f"{interpretation(results)}\n\n{MARKER}{kept or DEFAULT_READING}",
     )
     print(f"[bench] wrote {png} and {md} ({total:.0f} s)")
 
