@@ -40,9 +40,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sync.py
+	$(BIN)/python benchmarks/bench_zero.py
 
 lint: $(STAMP)
+	$(BIN)/pip install -q ruff mypy
 	$(BIN)/python -m ruff check lookahead_dist callbacks tests examples benchmarks
+	$(BIN)/python -m mypy --ignore-missing-imports lookahead_dist callbacks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache lightning_logs out
