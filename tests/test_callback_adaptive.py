@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from lightning.pytorch.loggers import Logger
 
 from lookahead_dist import LookaheadCallback
+from tests.dist.pl_common import Capture
 from tests.reference import max_abs_diff
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -68,28 +68,6 @@ class LinearRegression(pl.LightningModule):
         return make_adamw(self.net)
 
 
-class Recorder(Logger):
-    """Keeps every logged metrics dict, in logging order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append(dict(metrics))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def paper_alpha(inner: torch.optim.AdamW, group: dict, slow: dict[torch.Tensor, torch.Tensor]) -> float:
     """α = 1 + gᵀd / dᵀAd, d = φ − θ_k, g = last gradient, A = bias-corrected exp_avg_sq; clipped, fallback low."""
     grad_dot_d = 0.0
@@ -131,7 +109,7 @@ def reference_run() -> tuple[nn.Linear, dict[torch.Tensor, torch.Tensor], list[l
 
 
 def test_adaptive_alpha_logged_per_group_matches_paper_rule() -> None:
-    recorder = Recorder()
+    recorder = Capture()
     callback = LookaheadCallback(k=K, alpha="adaptive", alpha_bounds=BOUNDS)
     module = LinearRegression()
     trainer = pl.Trainer(
@@ -160,7 +138,7 @@ def test_adaptive_alpha_logged_per_group_matches_paper_rule() -> None:
     assert max_abs_diff(lightning_slow, [ref_slow[net.weight], ref_slow[net.bias]]) < 1e-5
 
     # One logged row per training step; the α logged on the row where `syncs` reaches s is sync s's α.
-    rows = [r for r in recorder.rows if "lookahead/syncs" in r]
+    rows = [recorder.metrics[step] for step in sorted(recorder.metrics) if "lookahead/syncs" in recorder.metrics[step]]
     assert len(rows) == STEPS
     logged: dict[int, list[float]] = {}
     for row in rows:
