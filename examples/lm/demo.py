@@ -94,7 +94,7 @@ def plot(results: dict[str, dict], path: Path) -> Path:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation perplexity (WikiText-2 test)")
     ax.set_yscale("log")
-    ax.set_title("GPT-2 small, DeepSpeed ZeRO-2, 2 CPU processes")
+    ax.set_title("tiny GPT-2 (configs/lm_base.yaml), DeepSpeed ZeRO-2, 2 CPU processes")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
