@@ -339,6 +339,11 @@ class Lookahead(Optimizer):
                     st = state[p]
                     self._spare[p] = st[SLOW_KEY]
                     st.clear()
+        self._count_sync()
+
+    @torch._disable_dynamo
+    def _count_sync(self) -> None:
+        # Under torch.compile, dynamo drops this attribute update on an Optimizer; run it eagerly.
         self.sync_count += 1
 
     def _pull_back_buffers(self, fast: list[Tensor], alpha: float) -> None:

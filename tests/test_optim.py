@@ -635,6 +635,23 @@ def test_torch_compile_model_trains_like_reference() -> None:
     assert opt.sync_count == 2
 
 
+def test_torch_compile_of_the_step_matches_reference() -> None:
+    # Compiling the step traces into the inner optimizer (as torch.compile(adam.step) does); the compiled
+    # AdamW is a different kernel path from the reference's eager one, hence a few-ulp tolerance.
+    k = 3
+    model, ref_model = make_model(), make_model()
+    opt = Lookahead(INNERS["adamw"](model.parameters()), k=k)
+    ref = ReferenceLookahead(INNERS["adamw"](ref_model.parameters()), k, 0.5)
+    compiled_step = torch.compile(opt.step, backend="eager")
+    for batch in make_batches(3 * k + 1):
+        backward(model, batch)
+        compiled_step()
+        backward(ref_model, batch)
+        ref.step()
+    assert max_abs_diff(model.parameters(), ref_model.parameters()) <= 1e-5
+    assert opt.sync_count == 3
+
+
 def test_pickle_after_scheduler_and_hooks_like_torch() -> None:
     model = make_model()
     opt = Lookahead(INNERS["sgd"](model.parameters()), k=2)
