@@ -1,4 +1,5 @@
-"""A DeepSpeed strategy for Lightning that also runs on CPU (gloo), to debug DeepSpeed configs on a laptop.
+"""DeepSpeed strategies for Lightning: one that honours a ``"lookahead"`` config section, and one that also
+runs on CPU (gloo), to debug DeepSpeed configs on a laptop.
 
 Lightning's ``DeepSpeedStrategy`` refuses any accelerator but CUDA. DeepSpeed itself runs on CPU; only
 Lightning's environment check and device selection assume GPUs. ``CPUDeepSpeedStrategy`` replaces those three
@@ -20,7 +21,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 
-__all__ = ["CONFIG_DIR", "CPUDeepSpeedStrategy"]
+__all__ = ["CONFIG_DIR", "CPUDeepSpeedStrategy", "LookaheadDeepSpeedStrategy"]
 
 #: The repository's DeepSpeed JSON configs (present in a source checkout, not in a wheel).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,7 +41,35 @@ def _resolve_config(config: Any) -> Any:
     )
 
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+class LookaheadDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` that also honours a ``"lookahead"`` section of the DeepSpeed config.
+
+    The stock strategy hands the whole config to DeepSpeed, which ignores unknown keys, so a section there
+    would be dropped silently. This class hides it from ``deepspeed.initialize`` and installs Lookahead on
+    the engine from it (:func:`lookahead_dist.deepspeed.install`). Everything else is the stock strategy;
+    ``LookaheadCallback`` with a section-free config is the other way to get the same training.
+    """
+
+    def _setup_model_and_optimizer(
+        self, model: Any, optimizer: Any, lr_scheduler: Any = None
+    ) -> tuple[Any, Any]:
+        # A "lookahead" config section is ours, not DeepSpeed's: hide it from deepspeed.initialize and
+        # install Lookahead from it afterwards (as lookahead_dist.deepspeed.initialize does). It stays in
+        # self.config so that LookaheadCallback can refuse to install a second one.
+        section = self.config.pop("lookahead", None) if isinstance(self.config, dict) else None
+        try:
+            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        finally:
+            if section is not None and isinstance(self.config, dict):
+                self.config["lookahead"] = section
+        if section is not None and engine.optimizer is not None:
+            from .deepspeed import install, parse_lookahead_config
+
+            install(engine, **parse_lookahead_config(section))
+        return engine, ds_optimizer
+
+
+class CPUDeepSpeedStrategy(LookaheadDeepSpeedStrategy):
     """``DeepSpeedStrategy`` that accepts ``accelerator="cpu"`` (one process per "device", gloo backend).
 
     Takes every argument of ``DeepSpeedStrategy``; ``config`` may also be the name of a JSON file in the
@@ -69,24 +98,6 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def root_device(self) -> torch.device:
         return torch.device("cpu", self.local_rank)
-
-    def _setup_model_and_optimizer(
-        self, model: Any, optimizer: Any, lr_scheduler: Any = None
-    ) -> tuple[Any, Any]:
-        # A "lookahead" config section is ours, not DeepSpeed's: hide it from deepspeed.initialize and
-        # install Lookahead from it afterwards (as lookahead_dist.deepspeed.initialize does). It stays in
-        # self.config so that LookaheadCallback can refuse to install a second one.
-        section = self.config.pop("lookahead", None) if isinstance(self.config, dict) else None
-        try:
-            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-        finally:
-            if section is not None and isinstance(self.config, dict):
-                self.config["lookahead"] = section
-        if section is not None and engine.optimizer is not None:
-            from .deepspeed import install, parse_lookahead_config
-
-            install(engine, **parse_lookahead_config(section))
-        return engine, ds_optimizer
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
