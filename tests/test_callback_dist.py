@@ -24,6 +24,12 @@ CASES = ["ddp", "zero1", "zero2", "zero3"]
 SECTION_CASE = "zero2_section"  # no callback; CPUDeepSpeedStrategy applies the config's "lookahead" section
 OFFSETS = [4, 5]  # k=3: resume one and two steps into a cycle
 MULTINODE_CASES = ["ddp", "zero2"]
+# accumulate_grad_batches=2 + gradient_clip_val + LR scheduler (step / epoch interval), and ZeRO-2 bf16-mixed;
+# see VARIANTS in pl_equiv.py.
+ACCUM_CLIP_CASES = [
+    "ddp_accum_clip_steplr", "zero2_accum_clip_steplr", "ddp_accum_clip_epochlr", "zero2_accum_clip_epochlr"
+]
+BF16_CASE = "zero2_bf16"
 TOL = 1e-5  # all-reduced gradients vs. one full-batch gradient: float rounding only
 
 
@@ -48,7 +54,7 @@ def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp / "results.json"
     cmd = TORCHRUN + [
         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT), "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE]),
+        str(SCRIPT), "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE] + ACCUM_CLIP_CASES + [BF16_CASE]),
         "--offsets", ",".join(map(str, OFFSETS)), "--tmp", str(tmp),
     ]  # fmt: skip
     proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
@@ -108,3 +114,40 @@ def test_deepspeed_config_section_installs_lookahead_without_callback(two_procs:
     result = two_procs.get(SECTION_CASE, {"error": "did not run"})
     assert "error" not in result, result.get("trace", result.get("error"))
     assert result["theta"] < TOL and result["phi"] < TOL
+
+
+def _result(results: dict[str, Any], case: str) -> dict[str, Any]:
+    result = results.get(case, {"error": f"did not run (an earlier case failed?): {list(results)}"})
+    assert "error" not in result, result.get("trace", result.get("error"))
+    return result
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ACCUM_CLIP_CASES)
+def test_accumulation_clipping_and_lr_schedulers_match_reference(two_procs: dict[str, Any], case: str) -> None:
+    result = _result(two_procs, case)
+    # Clipping must matter here, or matching the clipped reference would prove nothing about it.
+    assert result["clip_effect"] > 100 * TOL, "CLIP too large: the unclipped reference is the same trajectory"
+    assert result["theta"] < TOL, "fast weights differ from the reference (accumulated, clipped, scheduled)"
+    assert result["phi"] < TOL, "slow weights differ from the reference"
+    assert result["lr"] < 1e-12, "the LR in force per optimizer step differs from the reference's scheduler"
+    # k counts optimizer steps, not micro-batches: 8 optimizer steps over 16 batches -> 2 syncs.
+    assert result["optimizer_steps"] == 8 and result["syncs_done"] == 8 // 3
+
+
+@pytest.mark.dist
+def test_zero2_bf16_mixed_keeps_slow_weights_on_fp32_masters(two_procs: dict[str, Any]) -> None:
+    result = _result(two_procs, BF16_CASE)
+    assert result["model_dtype"] == "torch.bfloat16", "bf16-mixed did not put the model in bf16"
+    assert result["syncs_done"] == 6 // 3 and result["optimizer_steps"] == 6
+    # φ lives on every rank's fp32 master partition; the run ends on a sync, after which the masters are φ
+    # exactly and the bf16 model weights DeepSpeed gathers from them are bf16(φ) exactly.
+    assert result["rank_without_shard"] == 0 and result["non_fp32_masters"] == 0
+    assert result["masters_vs_phi"] == 0.0
+    assert result["theta_vs_phi"] == 0.0
+    # Against the fp32 reference: bf16 forward/backward (8-bit mantissa, ~0.4% relative per rounding) makes
+    # every step's update differ by rounding, which adds up over 6 steps to ~1% of how far the weights moved
+    # (measured 1.0%). 3% of that distance stays well below what a wrong α=0.6 changes (~12%; also asserted).
+    tol = 0.03 * result["moved"]
+    assert result["wrong_alpha_gap"] > 2 * tol
+    assert result["phi"] < tol and result["theta"] < tol, f"bf16 run is off the reference by more than {tol}"

@@ -1,6 +1,6 @@
 """LookaheadCallback under multi-process strategies vs. the single-process reference. Launched by torchrun:
 
-    torchrun --nproc_per_node 2 tests/dist/pl_equiv.py --out R.json --cases ddp,zero1,zero2,zero3
+    torchrun --nproc_per_node 2 tests/dist/pl_equiv.py --out R.json --cases ddp,zero1,zero2,zero3,zero2_bf16
     torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 ... tests/dist/pl_equiv.py --num-nodes 2 ...
 
 Lightning sees torchrun's environment and starts no processes itself, so one launch runs every case in
@@ -10,6 +10,11 @@ sequence. Per case (k=3, α=0.5, Adam, 8 optimizer steps, validation after steps
     validation run does not move the training trajectory (the reference has none);
   * resume: fit to step s, save, fit to 8 from the checkpoint -> θ and φ bit-identical to the straight run.
 Rank 0 writes JSON: {case: {"theta": err, "phi": err, "val": err, "distance": err, "resume_<s>": err, ...}}.
+
+VARIANTS (SGD with momentum, accumulate_grad_batches=2, gradient_clip_val, an LR scheduler; no validation or
+resume) run the same comparison with those Trainer settings; the reference accumulates over the same global
+micro-batches and clips the global gradient norm as torch.nn.utils.clip_grad_norm_ does. "zero2_bf16" runs
+ZeRO-2 with precision="bf16-mixed" (see run_variant for how it is compared).
 """
 
 from __future__ import annotations
@@ -35,14 +40,36 @@ from lightning.pytorch.strategies import DDPStrategy
 from lookahead_dist import LookaheadCallback
 from lookahead_dist.optim import SLOW_KEY
 from lookahead_dist.strategies import CPUDeepSpeedStrategy
-from tests.dist.pl_common import Capture, TinyModule, loader, reference_run, slow_of, val_loss
+from tests.dist.pl_common import (
+    N_ROWS,
+    Capture,
+    TinyModule,
+    loader,
+    make_net,
+    reference_run,
+    slow_of,
+    val_loss,
+)
 from tests.reference import max_abs_diff
 
 warnings.filterwarnings("ignore")
 K, ALPHA, STEPS, PER_RANK, VAL_EVERY = 3, 0.5, 8, 4, 4
+CLIP = 0.05  # below the gradient norm on most steps, so clipping changes the trajectory
+# 64 rows = 8 global micro-batches = 4 optimizer steps per epoch: STEPS=8 spans 2 epochs for "epoch".
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ddp_accum_clip_steplr": {"base": "ddp", "accumulate": 2, "clip": CLIP, "scheduler": "step"},
+    "zero2_accum_clip_steplr": {"base": "zero2", "accumulate": 2, "clip": CLIP, "scheduler": "step"},
+    "ddp_accum_clip_epochlr": {"base": "ddp", "accumulate": 2, "clip": CLIP, "scheduler": "epoch",
+                               "n_rows": 64},
+    "zero2_accum_clip_epochlr": {"base": "zero2", "accumulate": 2, "clip": CLIP, "scheduler": "epoch",
+                                 "n_rows": 64},
+    # 6 steps: the run ends on a sync (k=3), where the fp32 masters must equal φ bit for bit.
+    "zero2_bf16": {"base": "zero2", "precision": "bf16-mixed", "steps": 6},
+}
 
 
 def make_strategy(case: str) -> Any:
+    case = VARIANTS.get(case, {}).get("base", case)
     if case == "ddp":
         return DDPStrategy(process_group_backend="gloo")
     stage = int(case[4])
@@ -60,7 +87,16 @@ def make_strategy(case: str) -> Any:
 
 def fit(case: str, num_nodes: int, steps: int, ckpt: str | None = None, start: int = 0) -> tuple:
     rank, world = dist.get_rank(), dist.get_world_size()
-    module = TinyModule()
+    variant = VARIANTS.get(case)
+    module = TinyModule(opt="sgd", scheduler=variant.get("scheduler")) if variant else TinyModule()
+    extra: dict[str, Any] = {}
+    if variant:
+        extra = {
+            "accumulate_grad_batches": variant.get("accumulate", 1),
+            "gradient_clip_val": variant.get("clip"),
+            "precision": variant.get("precision", "32-true"),
+            "limit_val_batches": 0,
+        }
     callback = LookaheadCallback(k=K, alpha=ALPHA, log_distance=True)
     callbacks = [] if case.endswith("_section") else [callback]
     logger = Capture()
@@ -80,14 +116,17 @@ def fit(case: str, num_nodes: int, steps: int, ckpt: str | None = None, start: i
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        **extra,
     )
-    trainer.fit(module, train_dataloaders=loader(PER_RANK, rank, world, start=start), ckpt_path=ckpt)
+    n_rows = variant.get("n_rows", N_ROWS) if variant else N_ROWS
+    data = loader(PER_RANK, rank, world, start=start, n_rows=n_rows)
+    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
     return trainer, module, callback, logger
 
 
 def full_weights(trainer: Trainer, module: TinyModule, callback: LookaheadCallback, case: str) -> tuple:
     """(θ, φ) as full tensors on every rank."""
-    if case == "ddp":
+    if VARIANTS.get(case, {}).get("base", case) == "ddp":
         params = list(module.net.parameters())
         wrapper = callback.wrappers[0]
         return [p.detach().clone() for p in params], [wrapper.state[p][SLOW_KEY].clone() for p in params]
@@ -106,7 +145,53 @@ def full_weights(trainer: Trainer, module: TinyModule, callback: LookaheadCallba
     return theta, phi
 
 
+def run_variant(case: str, num_nodes: int) -> dict[str, Any]:
+    variant = VARIANTS[case]
+    world, steps = dist.get_world_size(), variant.get("steps", STEPS)
+    accumulate, clip, scheduler = variant.get("accumulate", 1), variant.get("clip"), variant.get("scheduler")
+    t0 = time.time()
+    trainer, module, callback, _ = fit(case, num_nodes, steps)
+    theta, phi = full_weights(trainer, module, callback, case)
+    common = {"opt": "sgd", "accumulate": accumulate, "scheduler": scheduler, "n_rows": variant.get("n_rows", N_ROWS)}
+    net, ref, lrs = reference_run(steps, PER_RANK * world, K, ALPHA, clip=clip, **common)
+    ref_theta, ref_phi = list(net.parameters()), slow_of(ref, net)
+    out: dict[str, Any] = {
+        "theta": max_abs_diff(theta, ref_theta),
+        "phi": max_abs_diff(phi, ref_phi),
+        "syncs_done": callback.syncs_done,
+        "optimizer_steps": trainer.global_step,
+        # the LR in force at each optimizer step (seen at its first micro-batch) vs. the reference's
+        "lr": max(abs(a - b) for a, b in zip(module.lr_seen[::accumulate], lrs, strict=True)),
+    }
+    if clip is not None:  # the same run without clipping must be far off, or clipping was not exercised
+        net_nc, ref_nc, _ = reference_run(steps, PER_RANK * world, K, ALPHA, **common)
+        theta_gap = max_abs_diff(list(net_nc.parameters()), ref_theta)
+        out["clip_effect"] = max(theta_gap, max_abs_diff(slow_of(ref_nc, net_nc), ref_phi))
+    if variant.get("precision") == "bf16-mixed":
+        # The model computes in bf16, so the trajectory differs from the fp32 reference by rounding (not
+        # comparable at 1e-6); the test bounds it relative to how far the weights moved. Exact checks:
+        # φ is kept on this rank's fp32 master partition, and at the last step (a sync) masters == φ.
+        wrapper = callback.wrappers[0]
+        tracked = list(wrapper.tracked_params())
+        masters_vs_phi = max(float((p - wrapper.state[p][SLOW_KEY]).abs().max()) for p in tracked)
+        fp32 = all(p.dtype == torch.float32 and wrapper.state[p][SLOW_KEY].dtype == torch.float32 for p in tracked)
+        stats = torch.tensor([masters_vs_phi, float(not fp32), float(not tracked)], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        out["masters_vs_phi"], out["non_fp32_masters"], out["rank_without_shard"] = stats.tolist()
+        out["model_dtype"] = str(next(module.net.parameters()).dtype)
+        out["theta_vs_phi"] = max_abs_diff(theta, phi)  # bf16 model weights after the sync vs. bf16(φ)
+        start = list(make_net().parameters())
+        out["moved"] = max(max_abs_diff(ref_theta, start), max_abs_diff(ref_phi, start))
+        # How far a nearby wrong setting (α=0.6) lands from the reference: the tolerance must stay below it.
+        net_wrong, ref_wrong, _ = reference_run(steps, PER_RANK * world, K, 0.6, **common)
+        out["wrong_alpha_gap"] = max_abs_diff(slow_of(ref_wrong, net_wrong), ref_phi)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
 def run_case(case: str, num_nodes: int, offsets: list[int], tmp: str) -> dict[str, Any]:
+    if case in VARIANTS:
+        return run_variant(case, num_nodes)
     world = dist.get_world_size()
     t0 = time.time()
     trainer, module, callback, logger = fit(case, num_nodes, STEPS)
