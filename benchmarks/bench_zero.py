@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_sync import environment_lines, update_section
+from bench_sync import environment_lines, spread, update_section
 
 
 def free_port() -> int:
@@ -117,10 +116,6 @@ def summarize(ranks: list[dict], stage: str) -> dict:
         "step_time_ratio": spread(ratios),
         "sync_count_rank0": recs[0]["sync_count"],
     }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def mib(n: float) -> str:
