@@ -96,12 +96,14 @@ def _curvature(p: Tensor, st: Mapping[str, Any], group: Mapping[str, Any]) -> tu
 
 def line_sums(params: Iterable[Tensor], state: Mapping[Tensor, Any], group: Mapping[str, Any]) -> Tensor:
     """This process's fp64 ``[gᵀd, dᵀAd]`` with ``d = φ − θ`` over ``params`` (partial under sharding)."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    # Accumulate on each tensor's device and move to the CPU once: no device sync per tensor.
+    per_device: dict[torch.device, Tensor] = {}
     for p in params:
         st = state[p]
         slow = st[_SLOW_KEY]
         grad = p.grad
         curv, scale = _curvature(p, st, group)
+        acc = per_device.setdefault(p.device, torch.zeros(2, dtype=torch.float64, device=p.device))
         fast_flat = p.detach().reshape(-1)
         slow_flat = slow.reshape(-1)
         grad_flat = grad.detach().reshape(-1) if grad is not None else None
@@ -116,10 +118,12 @@ def line_sums(params: Iterable[Tensor], state: Mapping[Tensor, Any], group: Mapp
                 a = g * g
             else:
                 continue  # no gradient and no curvature: contributes nothing to either sum
-            d_sq = d * d
             if g is not None:
-                sums[0] += torch.dot(g, d).cpu()
-            sums[1] += torch.dot(a, d_sq).cpu()
+                acc[0] += torch.dot(g, d)
+            acc[1] += torch.dot(a, d * d)
+    sums = torch.zeros(2, dtype=torch.float64)
+    for acc in per_device.values():
+        sums += acc.cpu()
     return sums
 
 
