@@ -121,6 +121,12 @@ class Lookahead(Optimizer):
                 f"Lookahead: expected a torch.optim.Optimizer to wrap, got {type(optimizer).__name__}; "
                 f"build the inner optimizer first, e.g. Lookahead(torch.optim.AdamW(model.parameters())) ."
             )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "Lookahead: torch.optim.LBFGS is not supported: it re-evaluates the closure inside its step, "
+                "while Lookahead runs the closure once before the inner step. Use a first-order optimizer "
+                "(SGD, Adam, AdamW, ...) as the inner optimizer."
+            )
         if not _allow_empty and not any(len(g["params"]) > 0 for g in optimizer.param_groups):
             raise ValueError(
                 "Lookahead: the optimizer has no parameters to step; create it with the model's parameters."

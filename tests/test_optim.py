@@ -504,6 +504,8 @@ def test_bad_optimizers_are_rejected() -> None:
         Lookahead(list(model.parameters()))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"got Net"):
         Lookahead(model)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"LBFGS is not supported.*first-order"):
+        Lookahead(torch.optim.LBFGS(model.parameters()))
     empty = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     empty.param_groups[0]["params"] = []
     with pytest.raises(ValueError, match=r"no parameters"):
