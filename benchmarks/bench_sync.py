@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from lookahead_dist import Lookahead
-from lookahead_dist.optim import SLOW_KEY
+from lookahead_dist.core.optim import SLOW_KEY
 
 K = 5
 ALPHA = 0.5

@@ -96,7 +96,7 @@ import deepspeed
 import deepspeed.comm as dscomm
 
 from lookahead_dist.deepspeed import install
-from lookahead_dist.optim import SLOW_KEY
+from lookahead_dist.core.optim import SLOW_KEY
 
 
 class Block(nn.Module):

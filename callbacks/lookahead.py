@@ -27,13 +27,15 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lookahead_dist._versions import check_versions
-from lookahead_dist.optim import PULLBACK_MODES, Lookahead, _check_alpha, _check_k
+from lookahead_dist.core.keys import CONFIG_KEY, DEFAULT_PULLBACK_KEYS, EVAL_WEIGHTS
+from lookahead_dist.core.optim import Lookahead
+from lookahead_dist.core.settings import LookaheadSettings
 
 __all__ = ["LookaheadCallback"]
 
-EVAL_WEIGHTS = ("slow", "fast")
 SUPPORTED = "single device, DDP (ddp, ddp_spawn, ddp_fork, multi-node) and DeepSpeed (ZeRO 0-3, incl. CPUDeepSpeedStrategy)"
 
 
@@ -45,6 +47,10 @@ class LookaheadCallback(Callback):
         alpha: slow-weights step size in (0, 1], or ``"adaptive"``.
         pullback: ``"none"`` | ``"reset"`` | ``"pullback"`` (what happens to the inner optimizer's momentum at a sync).
         alpha_bounds: ``[low, high]`` clip for ``alpha="adaptive"``.
+        alpha_fallback: α of ``alpha="adaptive"`` when its estimate is undefined (default ``alpha_bounds[0]``).
+        pullback_keys: optimizer-state buffers interpolated by ``pullback="pullback"``.
+        nonfinite: ``"skip"`` or ``"raise"``: what a sync does when the fast weights are not finite.
+            These seven are :class:`~lookahead_dist.LookaheadSettings`, checked there.
         optimizer_indices: which of ``configure_optimizers``' optimizers to wrap; ``None`` wraps all.
             DeepSpeed has exactly one optimizer.
         eval_weights: ``"slow"`` runs validation/test/predict on the slow weights φ, ``"fast"`` on θ.
@@ -73,6 +79,9 @@ class LookaheadCallback(Callback):
         alpha: float | str = 0.5,
         pullback: str = "none",
         alpha_bounds: tuple[float, float] = (0.5, 1.0),
+        alpha_fallback: float | None = None,
+        pullback_keys: list[str] = list(DEFAULT_PULLBACK_KEYS),  # noqa: B006 - read once, never mutated
+        nonfinite: str = "skip",
         optimizer_indices: list[int] | None = None,
         eval_weights: str = "slow",
         log_distance: bool = False,
@@ -80,15 +89,16 @@ class LookaheadCallback(Callback):
     ) -> None:
         super().__init__()
         check_versions("lightning")
-        self.k = _check_k(k)
-        self.alpha = _check_alpha(alpha)
-        if pullback not in PULLBACK_MODES:
-            raise ValueError(f"LookaheadCallback: pullback={pullback!r} is unknown; use one of {PULLBACK_MODES}.")
-        self.pullback = pullback
-        low, high = alpha_bounds
-        self.alpha_bounds = (
-            float(_check_alpha(low, "alpha_bounds[0]", allow_adaptive=False)),
-            float(_check_alpha(high, "alpha_bounds[1]", allow_adaptive=False)),
+        #: Every Lookahead option, validated once (the same checks and messages as ``Lookahead`` and
+        #: the DeepSpeed config section).
+        self.settings = LookaheadSettings(
+            k=k,
+            alpha=alpha,
+            pullback=pullback,
+            alpha_bounds=alpha_bounds,
+            alpha_fallback=alpha_fallback,
+            pullback_keys=tuple(pullback_keys) if isinstance(pullback_keys, list) else pullback_keys,
+            nonfinite=nonfinite,
         )
         if optimizer_indices is not None:
             bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
@@ -105,7 +115,13 @@ class LookaheadCallback(Callback):
                 f"'fast' (evaluate θ)."
             )
         self.eval_weights = eval_weights
-        self.log_distance = bool(log_distance)
+        if not isinstance(log_distance, bool):
+            raise ValueError(f"LookaheadCallback: log_distance={log_distance!r} must be True or False.")
+        self.log_distance = log_distance
+        if not isinstance(log_prefix, str):
+            raise ValueError(
+                f"LookaheadCallback: log_prefix={log_prefix!r} must be a string such as 'lookahead/' ('' for none)."
+            )
         self.log_prefix = log_prefix
 
         #: Slow-weight syncs done (one per wrapped optimizer per sync), persisted in checkpoints.
@@ -116,7 +132,13 @@ class LookaheadCallback(Callback):
         self._seen_sync_counts: dict[int, int] = {}
         self._eval_stack: ExitStack | None = None
 
+    k = property(lambda self: self.settings.k)
+    alpha = property(lambda self: self.settings.alpha)
+    pullback = property(lambda self: self.settings.pullback)
+    alpha_bounds = property(lambda self: self.settings.alpha_bounds)
+
     # ------------------------------------------------------------------ set-up
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
@@ -129,7 +151,7 @@ class LookaheadCallback(Callback):
             )
         if isinstance(strategy, DeepSpeedStrategy):
             config = strategy.config or {}
-            if "lookahead" in config:
+            if CONFIG_KEY in config:
                 raise ValueError(
                     "LookaheadCallback: the DeepSpeed config already has a 'lookahead' section (CPUDeepSpeedStrategy "
                     "and lookahead_dist.deepspeed.initialize install Lookahead from it), so Lookahead would be "
@@ -141,6 +163,7 @@ class LookaheadCallback(Callback):
                     f"optimizer; use None or [0]."
                 )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, DeepSpeedStrategy):
@@ -161,8 +184,7 @@ class LookaheadCallback(Callback):
                 "LookaheadCallback: the DeepSpeed engine's optimizer is already a Lookahead (installed by "
                 "lookahead_dist.deepspeed.install/initialize or a 'lookahead' config section); remove one of them."
             )
-        extra: dict[str, Any] = {"alpha_bounds": self.alpha_bounds} if self.alpha == "adaptive" else {}
-        self.wrappers = {0: install(engine, k=self.k, alpha=self.alpha, pullback=self.pullback, **extra)}
+        self.wrappers = {0: install(engine, settings=self.settings)}
         self._engine = engine
 
     def _install_plain(self, trainer: pl.Trainer) -> None:
@@ -189,9 +211,7 @@ class LookaheadCallback(Callback):
                     f"Lookahead in configure_optimizers."
                 )
             # LR schedulers keep pointing at the inner optimizer; its param_groups are the wrapper's.
-            self.wrappers[i] = Lookahead(
-                opt, k=self.k, alpha=self.alpha, pullback=self.pullback, alpha_bounds=self.alpha_bounds
-            )
+            self.wrappers[i] = Lookahead(opt, settings=self.settings)
             optimizers[i] = self.wrappers[i]
         # The setter rebuilds the LightningOptimizers that training_step / optimizer_step use.
         trainer.strategy.optimizers = optimizers
@@ -224,28 +244,36 @@ class LookaheadCallback(Callback):
         if stack is not None:
             stack.close()
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter_eval()
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit_eval()
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter_eval()
 
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit_eval()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._enter_eval()
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exit_eval()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._exit_eval()
 
     # ------------------------------------------------------------------ logging
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -263,9 +291,15 @@ class LookaheadCallback(Callback):
             for gi, alpha in sorted(wrapper.last_alpha.items()):
                 group_suffix = f"_group{gi}" if len(wrapper.param_groups) > 1 or gi > 0 else ""
                 log(f"alpha{opt_suffix}{group_suffix}", float(alpha))
-        if self.log_distance and trainer._logger_connector.should_update_logs:
+        if self.log_distance and self._is_logging_step(trainer):
             for i, distance in self._distances().items():
                 log(f"distance_opt{i}" if several else "distance", distance)
+
+    @staticmethod
+    def _is_logging_step(trainer: pl.Trainer) -> bool:
+        # Lightning's own rule (log every n optimizer steps), from public attributes: global_step has
+        # already counted this batch's step when on_train_batch_end runs.
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
 
     def _logger(self, pl_module: pl.LightningModule) -> Any:
         def log(name: str, value: float) -> None:
@@ -290,9 +324,11 @@ class LookaheadCallback(Callback):
         return out
 
     # ------------------------------------------------------------------ checkpoint (rank-independent state)
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"k": self.k, "alpha": self.alpha, "pullback": self.pullback, "syncs_done": self.syncs_done}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.syncs_done = int(state_dict.get("syncs_done", 0))
         saved = {key: state_dict.get(key) for key in ("k", "alpha", "pullback")}

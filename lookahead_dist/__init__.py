@@ -1,7 +1,8 @@
 """lookahead-dist: the Lookahead optimizer for large-scale training.
 
-``Lookahead`` (torch only) is importable without DeepSpeed or Lightning installed; the engine adapters
-live in ``lookahead_dist.deepspeed`` and ``lookahead_dist.callbacks`` and are imported lazily.
+``Lookahead`` and ``LookaheadSettings`` (``lookahead_dist.core``, torch only) import without DeepSpeed or
+Lightning installed. One adapter per engine, each imported only when used: ``lookahead_dist.deepspeed``,
+``lookahead_dist.lightning`` (strategies) and ``lookahead_dist.callbacks`` (``LookaheadCallback``).
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from ._versions import check_versions
-from .optim import Lookahead
+from .core import Lookahead, LookaheadConfigError, LookaheadSettings
 
-__all__ = ["Lookahead", "LookaheadCallback", "__version__"]
+__all__ = ["Lookahead", "LookaheadCallback", "LookaheadConfigError", "LookaheadSettings", "__version__"]
 __version__ = "0.1.0"
 
 check_versions("torch")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lookahead_dist import Lookahead
-from lookahead_dist.adaptive import CURVATURE_KEY, alpha_from_sums, check_zero3_sub_groups
+from lookahead_dist.core.adaptive import CURVATURE_KEY, alpha_from_sums
+from lookahead_dist.deepspeed.holders import check_zero3_sub_groups
 
 
 def paper_alpha(phi, theta_k, theta_star, a):

@@ -16,7 +16,7 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 from lookahead_dist import Lookahead, LookaheadCallback
-from lookahead_dist.optim import SLOW_KEY
+from lookahead_dist.core.optim import SLOW_KEY
 from tests.dist.pl_common import (
     Capture,
     TinyModule,
@@ -301,7 +301,7 @@ def test_unsupported_strategies_are_refused_with_what_works() -> None:
 
 
 def test_deepspeed_config_with_lookahead_section_and_callback_is_refused() -> None:
-    from lookahead_dist.strategies import CPUDeepSpeedStrategy
+    from lookahead_dist.lightning import CPUDeepSpeedStrategy
 
     strategy = CPUDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "lookahead": {"k": 5}})
     assert "'lookahead' section" in _strategy_error(strategy)
@@ -324,7 +324,7 @@ def test_optimizer_index_out_of_range_and_double_wrapping_are_refused() -> None:
 def test_cpu_deepspeed_strategy_registry_and_config_names() -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lookahead_dist.strategies import CONFIG_DIR, CPUDeepSpeedStrategy
+    from lookahead_dist.lightning import CONFIG_DIR, CPUDeepSpeedStrategy
 
     assert StrategyRegistry["deepspeed_cpu"]["strategy"] is CPUDeepSpeedStrategy
     assert StrategyRegistry["deepspeed_cpu_stage_3"]["init_params"] == {"stage": 3}

@@ -57,7 +57,8 @@ def test_split_config_strips_section_and_fills_defaults(tmp_path: Path) -> None:
     ds_config, kwargs = lads.split_config(path)
     assert ds_config == {"zero_optimization": {"stage": 2}}
     assert kwargs == {"k": 3, "alpha": "adaptive", "pullback": "none", "alpha_bounds": (0.5, 1.0),
-                      "alpha_fallback": None, "pullback_keys": ("momentum_buffer", "exp_avg")}
+                      "alpha_fallback": None, "pullback_keys": ("momentum_buffer", "exp_avg"),
+                      "nonfinite": "skip"}
     source = {"train_batch_size": 4}
     assert lads.split_config(source) == ({"train_batch_size": 4}, None)
     assert source == {"train_batch_size": 4}

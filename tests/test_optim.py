@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from lookahead_dist.optim import COUNT_KEY, SLOW_KEY, Lookahead, slow_key_for
+from lookahead_dist.core.optim import COUNT_KEY, SLOW_KEY, Lookahead, slow_key_for
 from tests.reference import ReferenceLookahead, max_abs_diff
 
 TOL = 1e-6

@@ -63,7 +63,7 @@ for _name in _COLLECTIVES:
     if hasattr(tdist, _name):
         setattr(tdist, _name, _wrap(_name))
 
-import lookahead_dist.adaptive as adaptive  # noqa: E402
+import lookahead_dist.core.adaptive as adaptive  # noqa: E402
 from lookahead_dist import Lookahead  # noqa: E402
 
 ALPHA_LOG: list[tuple[float, float, float]] = []  # (group lr, α applied, unclipped 1 + gᵀd/dᵀAd) per sync
@@ -204,7 +204,7 @@ def run_stage(stage: int, rank: int, world: int) -> dict:
 def run_subgroups(rank: int, world: int) -> dict:
     import deepspeed
 
-    from lookahead_dist.adaptive import check_zero3_sub_groups
+    from lookahead_dist.deepspeed.holders import check_zero3_sub_groups
 
     model = make_model()
     engine, *_ = deepspeed.initialize(

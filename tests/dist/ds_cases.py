@@ -68,7 +68,7 @@ for _op in _OPS:
     _wrap(dscomm, _op, "ds.")
 
 import lookahead_dist.deepspeed as lads
-from lookahead_dist.optim import COUNT_KEY, SLOW_KEY
+from lookahead_dist.core.optim import COUNT_KEY, SLOW_KEY
 from tests.dist.ds_common import (
     CASES,
     GAS,

@@ -38,8 +38,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from lookahead_dist import LookaheadCallback
-from lookahead_dist.optim import SLOW_KEY
-from lookahead_dist.strategies import CPUDeepSpeedStrategy
+from lookahead_dist.core.optim import SLOW_KEY
+from lookahead_dist.lightning import CPUDeepSpeedStrategy
 from tests.dist.pl_common import (
     N_ROWS,
     Capture,

@@ -1,0 +1,53 @@
+"""Every name Lookahead writes into optimizer state, param groups and config files, in one place.
+
+Engines and tools import these instead of retyping the strings, so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONFIG_KEY",
+    "COUNT_KEY",
+    "CURVATURE_KEY",
+    "DEFAULT_PULLBACK_KEYS",
+    "EVAL_WEIGHTS",
+    "GROUP_ALPHA",
+    "GROUP_K",
+    "LAST_ALPHA",
+    "NONFINITE_POLICIES",
+    "PULLBACK_MODES",
+    "SLOW_KEY",
+    "slow_key_for",
+]
+
+# Per-tensor optimizer state (``inner.state[p]``).
+#: φ, the slow weights: same shape, dtype and device (placement, for DTensors) as the stepped tensor.
+SLOW_KEY = "lookahead_slow"
+#: A Python int: inner steps this tensor has taken since its last sync, ``0 <= count < k``.
+COUNT_KEY = "lookahead_count"
+#: Optional user-supplied diagonal curvature estimate for ``alpha="adaptive"``.
+CURVATURE_KEY = "lookahead_curvature"
+
+
+def slow_key_for(buffer_key: str) -> str:
+    """State key of the slow copy of a momentum buffer (``pullback="pullback"``)."""
+    return f"{SLOW_KEY}_{buffer_key}"
+
+
+# Param-group entries.
+#: Overrides ``k`` for one param group.
+GROUP_K = "lookahead_k"
+#: Overrides ``alpha`` for one param group.
+GROUP_ALPHA = "lookahead_alpha"
+#: The α applied at the group's most recent sync (information only, written by Lookahead).
+LAST_ALPHA = "lookahead_last_alpha"
+
+# Settings vocabularies.
+PULLBACK_MODES = ("none", "reset", "pullback")
+#: First-moment (momentum-like) buffers of torch's SGD and Adam-family optimizers.
+DEFAULT_PULLBACK_KEYS = ("momentum_buffer", "exp_avg")
+NONFINITE_POLICIES = ("skip", "raise")
+EVAL_WEIGHTS = ("slow", "fast")
+
+#: Top-level key of the Lookahead section in a DeepSpeed config.
+CONFIG_KEY = "lookahead"

@@ -1,0 +1,224 @@
+"""Lookahead under DeepSpeed: slow weights sharded like ZeRO's fp32 master weights, no extra collectives.
+
+DeepSpeed steps the optimizer you give it (the *inner* optimizer) on this rank's flat fp32 partition(s)
+and afterwards copies them into the bit16 model weights and all-gathers (ZeRO-1/2) or leaves them in
+the bit16 partitions that the next forward gathers (ZeRO-3). :func:`install` wraps that inner
+optimizer in :class:`~lookahead_dist.Lookahead`, so φ lives in the inner optimizer's per-tensor state
+for this rank's shard only, the sync rides DeepSpeed's own copy + all-gather, and φ is saved in the
+per-rank ``*_optim_states.pt`` checkpoint files.
+
+Two entry points::
+
+    engine, optimizer, loader, scheduler = lookahead_dist.deepspeed.initialize(
+        model=model, optimizer=opt, config="configs/zero2.json")   # reads the "lookahead" section
+
+    engine, *_ = deepspeed.initialize(...)
+    lookahead = lookahead_dist.deepspeed.install(engine, k=5, alpha=0.5)
+
+The config section (all keys optional)::
+
+    "lookahead": {"k": 5, "alpha": 0.5, "pullback": "none",
+                  "alpha_bounds": [0.5, 1.0], "alpha_fallback": null,
+                  "pullback_keys": ["momentum_buffer", "exp_avg"]}
+
+Supported: stage 0 (fp32, and fp16/bf16 through FP16_Optimizer), ZeRO-1/2 (also bf16, CPU optimizer
+offload), BF16_Optimizer (ZeRO-1 + bf16 + fp32 gradient accumulation), ZeRO-3 (also sub-groups,
+persistent parameters, bf16, CPU optimizer offload). Refused at install: pipeline parallelism,
+ZenFlow, SuperOffload, ZeRO-3 partial optimizer offload (``offload_optimizer.ratio`` < 1), NVMe
+offload, and any optimizer wrapper this module does not know.
+
+DeepSpeed itself does not accept ``"auto"`` batch sizes: the JSON files in ``configs/`` leave
+``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` out (Lightning fills them in;
+with plain DeepSpeed add them to the dict before calling :func:`initialize`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .._versions import check_versions
+from ..core.keys import CONFIG_KEY
+from ..core.optim import Lookahead
+from ..core.settings import AlphaSpec, LookaheadConfigError, LookaheadSettings
+from .config import parse_lookahead_config, settings_from_section, split_config
+from .checkpoint import RESTORES_UNIVERSAL, load_checkpoint, restore_if_universal
+from .holders import (
+    UnsupportedDeepSpeedModeError,
+    dp_all_reduce,
+    find_lookahead,
+    holder_for,
+    refuse_unsupported,
+)
+
+__all__ = [
+    "CONFIG_KEY",
+    "LookaheadConfigError",
+    "UnsupportedDeepSpeedModeError",
+    "find_lookahead",
+    "initialize",
+    "install",
+    "load_checkpoint",
+    "parse_lookahead_config",
+    "settings_from_section",
+    "split_config",
+    "use_slow_weights",
+]
+
+
+# ---------------------------------------------------------------------------------------- engine
+def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` (same arguments and return value) plus Lookahead from the config.
+
+    The ``"lookahead"`` section is removed before DeepSpeed sees the config; without one this is plain
+    ``deepspeed.initialize``. The returned optimizer is DeepSpeed's (its inner optimizer is now wrapped);
+    use :func:`find_lookahead` to reach the :class:`Lookahead`.
+    """
+    import deepspeed
+
+    check_versions("deepspeed")
+    bound = inspect.signature(deepspeed.initialize).bind(*args, **kwargs)
+    arguments = bound.arguments
+    ds_args: Any = arguments.get("args")
+    if arguments.get("config") is not None:
+        source = arguments["config"]
+    elif arguments.get("config_params") is not None:
+        source = arguments.pop("config_params")
+    elif getattr(ds_args, "deepspeed_config", None) is not None:
+        source = ds_args.deepspeed_config
+        ds_args = copy.copy(ds_args)
+        ds_args.deepspeed_config = None  # DeepSpeed refuses a config given both ways
+        arguments["args"] = ds_args
+    else:
+        source = None
+    if source is None:
+        return deepspeed.initialize(*bound.args, **bound.kwargs)
+    ds_config, lookahead_kwargs = split_config(source)
+    arguments["config"] = ds_config
+    engine, optimizer, loader, scheduler = deepspeed.initialize(*bound.args, **bound.kwargs)
+    if lookahead_kwargs is not None:
+        install(engine, settings=LookaheadSettings(**lookahead_kwargs))
+    return engine, optimizer, loader, scheduler
+
+
+def install(
+    engine: Any,
+    k: int = 5,
+    alpha: AlphaSpec = 0.5,
+    pullback: str = "none",
+    *,
+    settings: LookaheadSettings | None = None,
+    **options: Any,
+) -> Lookahead:
+    """Wrap the engine's inner optimizer in :class:`Lookahead` and return it.
+
+    ``options`` are the other :class:`~lookahead_dist.LookaheadSettings` fields (``alpha_bounds``,
+    ``alpha_fallback``, ``pullback_keys``, ``nonfinite``); or pass ``settings`` instead of all of them.
+    Under ZeRO every rank's Lookahead holds φ for that rank's fp32 partition only; adaptive-α partial
+    sums are reduced over the data-parallel group (a fixed α adds no communication). Call it after
+    ``deepspeed.initialize`` and before training or ``engine.load_checkpoint``.
+    """
+    check_versions("deepspeed")
+    if settings is None:
+        unknown = sorted(set(options) - set(LookaheadSettings.names()))
+        if unknown:
+            raise TypeError(
+                f"lookahead_dist.deepspeed.install: unknown option(s) {unknown}; the options are "
+                f"{', '.join(LookaheadSettings.names())} (reduce_fn is set by install itself)."
+            )
+        settings = LookaheadSettings(k=k, alpha=alpha, pullback=pullback, **options)
+    elif options or (k, alpha, pullback) != (5, 0.5, "none"):
+        raise TypeError("lookahead_dist.deepspeed.install: pass either settings=... or keyword options, not both.")
+    if engine is None or not hasattr(engine, "optimizer"):
+        raise TypeError(
+            f"lookahead_dist.deepspeed.install: expected a DeepSpeed engine (the first value returned by "
+            f"deepspeed.initialize), got {type(engine).__name__}."
+        )
+    if find_lookahead(engine) is not None:
+        raise RuntimeError(
+            "lookahead_dist.deepspeed.install: this engine already has a Lookahead; change its settings via "
+            "find_lookahead(engine).settings instead of installing twice."
+        )
+    refuse_unsupported(engine)
+    holder = holder_for(engine)
+    if settings.alpha == "adaptive":
+        holder.check_adaptive()
+    lookahead = Lookahead(
+        holder.inner,
+        settings=settings,
+        reduce_fn=dp_all_reduce(engine) if holder.sharded else None,
+        allow_empty=holder.fills_groups_while_stepping,
+    )
+    holder.inner = lookahead
+    _complete_universal_loads(engine)
+    return lookahead
+
+
+def _complete_universal_loads(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` restore Lookahead's state from universal checkpoints too.
+
+    The one patch of an engine method in this package, and why it cannot be an explicit call: users and
+    Lightning's DeepSpeedStrategy call ``engine.load_checkpoint`` themselves, DeepSpeed has no hook after
+    a load, and its universal loader restores only the optimizer-state keys it knows (ZeRO-3) and never
+    the cycle counters, so a resume at another world size would silently restart the cycle. Regular
+    checkpoints need nothing: φ and the counters are in the per-rank optimizer state.
+    """
+    original = engine.load_checkpoint
+
+    def load_checkpoint(load_dir: Any, tag: Any = None, **kwargs: Any) -> Any:
+        result = original(load_dir, tag=tag, **kwargs)
+        restore_if_universal(engine, load_dir, tag, kwargs, result)
+        return result
+
+    engine.load_checkpoint = load_checkpoint
+    setattr(engine, RESTORES_UNIVERSAL, True)
+
+
+def load_checkpoint(engine: Any, load_dir: Any, tag: str | None = None, **load_kwargs: Any) -> tuple[Any, Any]:
+    """``engine.load_checkpoint`` plus, for universal checkpoints, the Lookahead state DeepSpeed drops.
+
+    An engine set up by :func:`install` already does this in its own ``load_checkpoint``; this function
+    is for engines whose Lookahead was installed another way.
+    """
+    from .checkpoint import restore_if_universal
+
+    result = engine.load_checkpoint(load_dir, tag=tag, **load_kwargs)
+    if not getattr(engine, "_lookahead_restores_universal", False):
+        restore_if_universal(engine, load_dir, tag, load_kwargs, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- slow weights
+@contextmanager
+def use_slow_weights(engine: Any) -> Iterator[None]:
+    """Make the model compute with the slow weights φ inside the block; restore θ bit-exactly on exit.
+
+    Call it between optimizer steps (e.g. for evaluation). Cost, per call:
+
+    * stage 0: a local copy of the weights (fp32; fp16/bf16 masters are cast into the model weights);
+    * ZeRO-1/2 and BF16_Optimizer: φ is cast into this rank's bit16 slice, then one all-gather of the
+      bit16 weights (exactly the one DeepSpeed runs after every step); θ is restored from a local copy
+      of the full bit16 weights (memory: one bit16 model copy), no gather;
+    * ZeRO-3: φ is cast into this rank's bit16 partitions, which the forward gathers as usual; no
+      extra gather, except that persistent parameters (``stage3_param_persistence_threshold``, small
+      by definition) are re-gathered on entry and on exit, as DeepSpeed does after every step.
+      Gathered copies left by earlier no-grad forwards are released on entry and exit (locally).
+
+    Without a Lookahead on the engine this is a no-op. Before the first step φ = θ.
+    """
+    lookahead = find_lookahead(engine)
+    if lookahead is None:
+        yield
+        return
+    with torch.no_grad():
+        restore = holder_for(engine).swap_in_slow(lookahead)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            restore()

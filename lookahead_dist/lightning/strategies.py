@@ -1,0 +1,136 @@
+"""DeepSpeed strategies for Lightning: one that honours a ``"lookahead"`` config section, and one that also
+runs on CPU (gloo), to debug DeepSpeed configs on a laptop.
+
+Lightning's ``DeepSpeedStrategy`` refuses any accelerator but CUDA. DeepSpeed itself runs on CPU; only
+Lightning's environment check and device selection assume GPUs. ``CPUDeepSpeedStrategy`` replaces those three
+pieces and nothing else::
+
+    from lookahead_dist.lightning import CPUDeepSpeedStrategy
+    Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(config="configs/zero2.json"))
+
+Importing this module registers the name ``"deepspeed_cpu"`` (ZeRO stage 2 unless ``config`` says otherwise)
+and ``"deepspeed_cpu_stage_1"`` / ``_2`` / ``_3`` in Lightning's strategy registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+from typing_extensions import override
+
+from .._versions import check_versions
+from ..core.keys import CONFIG_KEY
+
+__all__ = ["CONFIG_DIR", "CPUDeepSpeedStrategy", "LookaheadDeepSpeedStrategy"]
+
+#: The repository's DeepSpeed JSON configs (present in a source checkout, not in a wheel).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+check_versions("lightning")
+# The section is hidden from DeepSpeed by overriding this (private) method, the only place where the
+# config reaches deepspeed.initialize. If a Lightning release renames it, an override would silently
+# never run and the section would be dropped: refuse to import instead.
+if not callable(getattr(DeepSpeedStrategy, "_setup_model_and_optimizer", None)):  # pragma: no cover
+    raise ImportError(
+        "lookahead_dist.lightning: this Lightning version's DeepSpeedStrategy has no _setup_model_and_optimizer, "
+        "so a 'lookahead' config section cannot be honoured. Use lightning 2.6.x, or LookaheadCallback with "
+        "the stock DeepSpeedStrategy and a config without the section."
+    )
+
+
+def _resolve_config(config: Any) -> Any:
+    """Accept a dict, a path, or the bare name of a JSON file in the repository's ``configs/``."""
+    if not isinstance(config, (str, Path)) or Path(config).is_file():
+        return config
+    for candidate in (CONFIG_DIR / str(config), CONFIG_DIR / f"{config}.json"):
+        if candidate.is_file():
+            return str(candidate)
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.is_dir() else []
+    raise FileNotFoundError(
+        f"CPUDeepSpeedStrategy: config={str(config)!r} is neither a file nor a config in {CONFIG_DIR}; "
+        f"pass a path to a DeepSpeed JSON file or a dict" + (f", or one of {known}." if known else ".")
+    )
+
+
+class LookaheadDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` that also honours a ``"lookahead"`` section of the DeepSpeed config.
+
+    The stock strategy hands the whole config to DeepSpeed, which ignores unknown keys, so a section there
+    would be dropped silently. This class hides it from ``deepspeed.initialize`` and installs Lookahead on
+    the engine from it (:func:`lookahead_dist.deepspeed.install`). Everything else is the stock strategy;
+    ``LookaheadCallback`` with a section-free config is the other way to get the same training.
+    """
+
+    @override
+    def _setup_model_and_optimizer(
+        self, model: Any, optimizer: Any, lr_scheduler: Any = None
+    ) -> tuple[Any, Any]:
+        # A "lookahead" config section is ours, not DeepSpeed's: hide it from deepspeed.initialize and
+        # install Lookahead from it afterwards (as lookahead_dist.deepspeed.initialize does). It stays in
+        # self.config so that LookaheadCallback can refuse to install a second one.
+        section = self.config.pop(CONFIG_KEY, None) if isinstance(self.config, dict) else None
+        try:
+            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        finally:
+            if section is not None and isinstance(self.config, dict):
+                self.config[CONFIG_KEY] = section
+        if section is not None and engine.optimizer is not None:
+            from ..deepspeed import install, settings_from_section
+
+            install(engine, settings=settings_from_section(section))
+        return engine, ds_optimizer
+
+
+class CPUDeepSpeedStrategy(LookaheadDeepSpeedStrategy):
+    """``DeepSpeedStrategy`` that accepts ``accelerator="cpu"`` (one process per "device", gloo backend).
+
+    Takes every argument of ``DeepSpeedStrategy``; ``config`` may also be the name of a JSON file in the
+    repository's ``configs/`` folder (``"zero2"`` or ``"zero2.json"``). fp16 is refused by DeepSpeed on
+    CPU; use ``precision="bf16-mixed"`` or 32-bit. It is meant for debugging and tests, not for speed.
+
+    A ``"lookahead"`` section in the config installs Lookahead on the engine's optimizer (see
+    ``lookahead_dist.deepspeed``); do not combine it with ``LookaheadCallback``, which then raises.
+    """
+
+    strategy_name = "deepspeed_cpu"
+
+    def __init__(self, *args: Any, config: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, config=_resolve_config(config), **kwargs)  # type: ignore[misc]
+
+    @override
+    def setup_environment(self) -> None:
+        # Skip DeepSpeedStrategy's CUDA-only check; keep DDP's environment set-up.
+        DDPStrategy.setup_environment(self)
+
+    @override
+    def setup_distributed(self) -> None:
+        # DeepSpeedStrategy validates CUDA device indices here; CPU "devices" have none to validate.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if "deepspeed_cpu" in strategy_registry:
+            return
+        strategy_registry.register(
+            "deepspeed_cpu", cls, description="DeepSpeed on CPU (gloo), ZeRO stage 2", stage=2
+        )
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"deepspeed_cpu_stage_{stage}", cls, description=f"DeepSpeed on CPU, ZeRO stage {stage}",
+                stage=stage,
+            )
+
+
+CPUDeepSpeedStrategy.register_strategies(StrategyRegistry)
