@@ -510,7 +510,7 @@ def test_bad_optimizers_are_rejected() -> None:
     empty.param_groups[0]["params"] = []
     with pytest.raises(ValueError, match=r"no parameters"):
         Lookahead(empty)
-    Lookahead(empty, _allow_empty=True)  # the ZeRO-3 inner optimizer outside its step
+    Lookahead(empty, allow_empty=True)  # the ZeRO-3 inner optimizer outside its step
 
 
 # ---------------------------------------------------------------------------------- integration
