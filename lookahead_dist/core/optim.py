@@ -213,6 +213,7 @@ class Lookahead(Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        __import__("lookahead_dist.core.state_check").core.state_check.check_state_dict(self, state_dict)
         self.optimizer.load_state_dict(state_dict)
         self._spare.clear()
 

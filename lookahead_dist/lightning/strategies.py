@@ -14,6 +14,7 @@ and ``"deepspeed_cpu_stage_1"`` / ``_2`` / ``_3`` in Lightning's strategy regist
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,12 @@ check_versions("lightning")
 # The section is hidden from DeepSpeed by overriding this (private) method, the only place where the
 # config reaches deepspeed.initialize. If a Lightning release renames it, an override would silently
 # never run and the section would be dropped: refuse to import instead.
-if not callable(getattr(DeepSpeedStrategy, "_setup_model_and_optimizer", None)):  # pragma: no cover
+if not all(  # pragma: no cover
+    callable(getattr(DeepSpeedStrategy, name, None)) for name in ("_setup_model_and_optimizer", "_load_config")
+):
     raise ImportError(
-        "lookahead_dist.lightning: this Lightning version's DeepSpeedStrategy has no _setup_model_and_optimizer, "
+        "lookahead_dist.lightning: this Lightning version's DeepSpeedStrategy has no _setup_model_and_optimizer "
+        "or _load_config, "
         "so a 'lookahead' config section cannot be honoured. Use lightning 2.6.x, or LookaheadCallback with "
         "the stock DeepSpeedStrategy and a config without the section."
     )
@@ -66,12 +70,32 @@ class LookaheadDeepSpeedStrategy(DeepSpeedStrategy):
     """
 
     @override
+    def _load_config(self, config: Any) -> dict[str, Any] | None:
+        # Read files and base64 strings as deepspeed.initialize does (hjson, duplicate keys refused, the
+        # file name in every message) and refuse a misspelled or null "lookahead" section up front.
+        from ..deepspeed.config import check_top_level, load_config, settings_from_section, source_name
+
+        if config is None and self.DEEPSPEED_ENV_VAR in os.environ:
+            config = os.environ[self.DEEPSPEED_ENV_VAR]
+        if config is None:
+            return None
+        loaded = load_config(config)
+        check_top_level(loaded, source_name(config))
+        if loaded.get(CONFIG_KEY) is not None:
+            settings_from_section(loaded[CONFIG_KEY], source_name(config))
+        return loaded
+
+    @override
     def _setup_model_and_optimizer(
         self, model: Any, optimizer: Any, lr_scheduler: Any = None
     ) -> tuple[Any, Any]:
         # A "lookahead" config section is ours, not DeepSpeed's: hide it from deepspeed.initialize and
         # install Lookahead from it afterwards (as lookahead_dist.deepspeed.initialize does). It stays in
         # self.config so that LookaheadCallback can refuse to install a second one.
+        if isinstance(self.config, dict):
+            from ..deepspeed.config import check_top_level
+
+            check_top_level(self.config)
         section = self.config.pop(CONFIG_KEY, None) if isinstance(self.config, dict) else None
         try:
             engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
