@@ -15,6 +15,9 @@ __all__ = [
     "GROUP_K",
     "LAST_ALPHA",
     "NONFINITE_POLICIES",
+    "OUTER_COMM_DTYPES",
+    "OUTER_MOMENTUM_KEY",
+    "OUTER_SCOPES",
     "PULLBACK_MODES",
     "SLOW_KEY",
     "slow_key_for",
@@ -27,6 +30,8 @@ SLOW_KEY = "lookahead_slow"
 COUNT_KEY = "lookahead_count"
 #: Optional user-supplied diagonal curvature estimate for ``alpha="adaptive"``.
 CURVATURE_KEY = "lookahead_curvature"
+#: The outer momentum buffer of the cross-node outer step (``outer.momentum``), beside φ and like φ sharded.
+OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
 
 
 def slow_key_for(buffer_key: str) -> str:
@@ -48,6 +53,8 @@ PULLBACK_MODES = ("none", "reset", "pullback")
 DEFAULT_PULLBACK_KEYS = ("momentum_buffer", "exp_avg")
 NONFINITE_POLICIES = ("skip", "raise")
 EVAL_WEIGHTS = ("slow", "fast")
+OUTER_SCOPES = ("global", "nodes")
+OUTER_COMM_DTYPES = ("fp32", "bf16")
 
 #: Top-level key of the Lookahead section in a DeepSpeed config.
 CONFIG_KEY = "lookahead"

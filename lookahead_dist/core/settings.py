@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from .keys import DEFAULT_PULLBACK_KEYS, NONFINITE_POLICIES, PULLBACK_MODES
+from .keys import DEFAULT_PULLBACK_KEYS, NONFINITE_POLICIES, OUTER_COMM_DTYPES, OUTER_SCOPES, PULLBACK_MODES
 
-__all__ = ["AlphaSpec", "LookaheadConfigError", "LookaheadSettings", "check_alpha", "check_k"]
+__all__ = ["AlphaSpec", "LookaheadConfigError", "LookaheadSettings", "OuterSettings", "check_alpha", "check_k"]
 
 AlphaSpec = float | Literal["adaptive"]
 
@@ -51,6 +51,86 @@ def check_alpha(alpha: Any, where: str = "alpha", allow_adaptive: bool = True) -
 
 
 @dataclass(frozen=True)
+class OuterSettings:
+    """How the slow weights move at a sync when several nodes train (``LookaheadSettings.outer``).
+
+    Attributes:
+        scope: ``"global"`` (default): one data-parallel group, the sync is Lookahead's local lerp.
+            ``"nodes"``: every node reduces gradients only inside itself and the nodes meet once per cycle,
+            when φ takes one step along the mean over nodes of θ − φ (DeepSpeed only, see
+            :mod:`lookahead_dist.deepspeed.outer`).
+        momentum: outer momentum β in [0, 1) (SlowMo / DiLoCo); ``None`` (default) is Lookahead's own
+            rule ``φ ← φ + lr·mean(θ − φ)``.
+        nesterov: Nesterov form of the outer momentum (needs ``momentum`` > 0).
+        lr: outer step size (> 0, may exceed 1); ``None`` means ``alpha`` (or a group's ``lookahead_alpha``).
+        comm_dtype: dtype of the cross-node all-reduce of θ − φ: ``"fp32"`` or ``"bf16"`` (half the bytes).
+        local_world_size: ranks per node; ``None`` reads ``LOCAL_WORLD_SIZE`` (set by torchrun).
+    """
+
+    scope: str = "global"
+    momentum: float | None = None
+    nesterov: bool = False
+    lr: float | None = None
+    comm_dtype: str = "fp32"
+    local_world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate_outer(self, self._where)
+
+    _where = "outer."
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, section: Any, where: str = "outer") -> OuterSettings:
+        """Outer settings from a config object; unknown keys refused with the closest known name."""
+        if isinstance(section, OuterSettings):
+            return section
+        if not isinstance(section, Mapping):
+            raise _error(where, section, 'an object such as {"scope": "nodes", "momentum": 0.9}')
+        _refuse_unknown(section, cls.names(), where)
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_where", where + ".")
+        for f in fields(cls):
+            object.__setattr__(obj, f.name, section.get(f.name, f.default))
+        obj.__post_init__()
+        object.__delattr__(obj, "_where")
+        return obj
+
+
+def _validate_outer(o: OuterSettings, where: str) -> None:
+    if o.scope not in OUTER_SCOPES:
+        raise _error(f"{where}scope", o.scope, f"one of {', '.join(map(repr, OUTER_SCOPES))}")
+    if o.momentum is not None and (
+        not _is_number(o.momentum) or not math.isfinite(o.momentum) or not 0.0 <= o.momentum < 1.0
+    ):
+        raise _error(f"{where}momentum", o.momentum, "a number in [0, 1), e.g. 0.9, or null for Lookahead's rule")
+    if not isinstance(o.nesterov, bool):
+        raise _error(f"{where}nesterov", o.nesterov, "true or false")
+    if o.nesterov and not o.momentum:
+        raise _error(f"{where}nesterov", o.nesterov, "false unless outer.momentum > 0 (e.g. momentum 0.9)")
+    if o.lr is not None and (not _is_number(o.lr) or not math.isfinite(o.lr) or o.lr <= 0):
+        raise _error(f"{where}lr", o.lr, "a positive number (e.g. 0.7), or null to use alpha")
+    if o.comm_dtype not in OUTER_COMM_DTYPES:
+        raise _error(f"{where}comm_dtype", o.comm_dtype, f"one of {', '.join(map(repr, OUTER_COMM_DTYPES))}")
+    lws = o.local_world_size
+    if lws is not None and (isinstance(lws, bool) or not isinstance(lws, int) or lws < 1):
+        raise _error(f"{where}local_world_size", lws, "a positive int (ranks per node), or null for LOCAL_WORLD_SIZE")
+
+
+def _refuse_unknown(section: Mapping[Any, Any], names: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in section if key not in names]
+    if unknown:
+        raise LookaheadConfigError(
+            "Lookahead: unknown key(s) "
+            + ", ".join(f"{where}.{key}{_did_you_mean(key, names)}" for key in unknown)
+            + f"; allowed keys are {', '.join(names)}."
+        )
+
+
+@dataclass(frozen=True)
 class LookaheadSettings:
     """What Lookahead does; immutable and valid by construction.
 
@@ -65,6 +145,8 @@ class LookaheadSettings:
         pullback_keys: optimizer-state names interpolated by ``pullback="pullback"``.
         nonfinite: a sync whose fast weights are not finite: ``"skip"`` keeps φ for the affected tensors
             and warns, ``"raise"`` stops training with an error.
+        outer: :class:`OuterSettings` (or a mapping of its fields): the cross-node outer step; the default
+            (``scope="global"``) is plain Lookahead.
     """
 
     k: int = 5
@@ -74,6 +156,7 @@ class LookaheadSettings:
     alpha_fallback: float | None = None
     pullback_keys: tuple[str, ...] = DEFAULT_PULLBACK_KEYS
     nonfinite: str = "skip"
+    outer: OuterSettings = OuterSettings()
 
     def __post_init__(self) -> None:
         normalized = _validate(self, self._where)
@@ -90,7 +173,10 @@ class LookaheadSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain keyword arguments (``Lookahead(inner, **settings.to_dict())`` rebuilds the same)."""
-        return asdict(self)
+        out = asdict(self)
+        if self.outer == OuterSettings():
+            del out["outer"]  # the default: plain Lookahead, whose constructor has no such keyword
+        return out
 
     def replace(self, **changes: Any) -> LookaheadSettings:
         return replace(self, **changes)
@@ -115,6 +201,8 @@ class LookaheadSettings:
                 + f"; allowed keys are {', '.join(cls.names())}."
             )
         values = {key: section[key] for key in cls.names() if key in section}
+        if "outer" in values:  # a nested object: its keys are checked the same way, with their full path
+            values["outer"] = OuterSettings.from_mapping(values["outer"], where=f"{where}.outer")
         for key in ("alpha_bounds", "pullback_keys"):  # JSON/YAML have lists, not tuples
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
@@ -165,7 +253,17 @@ def _validate(s: LookaheadSettings, where: str) -> dict[str, Any]:
         )
     if s.nonfinite not in NONFINITE_POLICIES:
         raise _error(f"{where}nonfinite", s.nonfinite, f"one of {', '.join(map(repr, NONFINITE_POLICIES))}")
+    outer = s.outer
+    if not isinstance(outer, OuterSettings):
+        outer = OuterSettings.from_mapping(outer, where=f"{where}outer")
+    if outer.scope == "nodes" and s.alpha == "adaptive":
+        raise _error(f"{where}alpha", s.alpha, 'a fixed number with outer.scope="nodes" (the outer step has one lr)')
+    if outer.momentum and s.pullback == "reset":
+        raise _error(
+            f"{where}pullback", s.pullback, '"none" or "pullback" with outer.momentum (a reset would drop it)'
+        )
     return {
+        "outer": outer,
         "k": k,
         "alpha": alpha,
         "alpha_bounds": (float(low), float(high)),  # type: ignore[arg-type]

@@ -1,0 +1,379 @@
+"""Cross-node Lookahead: nodes reduce gradients only inside themselves and meet once every ``k`` steps.
+
+With ``"lookahead": {"outer": {"scope": "nodes", ...}}`` every node is its own DeepSpeed data-parallel
+group: gradient reduce-scatters / all-reduces and the ZeRO all-gathers of every step stay inside the node.
+The slow weights φ are the same on every node; at a sync each rank reduces the *delta* θ − φ of its own
+fp32 ZeRO partition over the ranks that hold the same partition on the other nodes (the ranks with its
+local rank), and φ takes one outer step along the mean delta:
+
+* no ``outer.momentum``: ``φ ← φ + lr·mean(θ − φ)`` (Lookahead's own rule; with one node exactly Lookahead);
+* ``outer.momentum`` β: ``m ← β·m + mean(θ − φ)``; ``φ ← φ + lr·m``, or with ``nesterov``
+  ``φ ← φ + lr·(mean(θ − φ) + β·m)`` (SlowMo, DiLoCo's outer Nesterov on the pseudo-gradient φ − θ);
+
+then ``θ ← φ``. ``lr`` is ``outer.lr``, else α (or a group's ``lookahead_alpha``). Nothing else crosses
+nodes: per step no cross-node collective, per sync one all-reduce of this rank's partition size (half the
+bytes with ``comm_dtype: "bf16"``). No full weights are gathered. The outer momentum buffer lives beside φ
+in the inner optimizer's per-tensor state (``"lookahead_outer_momentum"``), so it is sharded and saved
+with it.
+
+The groups must exist before ``deepspeed.initialize`` (they become the engine's data-parallel group through
+``mpu=``), which :func:`lookahead_dist.deepspeed.initialize` does; by hand::
+
+    topology = outer.NodeTopology()                 # after torch.distributed is initialised
+    outer.broadcast_initial_weights(model, topology)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=topology)
+    lookahead_dist.deepspeed.install(engine, settings=settings)   # settings.outer.scope == "nodes"
+
+Ranks are grouped by node as torchrun numbers them: node ``rank // local_world_size``, with
+``local_world_size`` from ``outer.local_world_size`` or ``LOCAL_WORLD_SIZE``. Checkpoints go into a
+per-node subfolder (``<save_dir>/node<i>``), since each node's fast weights and inner optimizer state
+differ mid-cycle and DeepSpeed names its files by the rank inside the data-parallel group.
+
+Caveats: each node's data loader must draw from the global data shard of its ranks (DeepSpeed's own
+``training_data`` loader would give every node the same data, since it sees only the node group).
+fp16 loss scaling would let nodes skip different steps and lose step; it runs on CPU nowhere and is
+refused. ``alpha="adaptive"`` and ``pullback="reset"`` with momentum are refused by the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..core.keys import GROUP_ALPHA, LAST_ALPHA, OUTER_MOMENTUM_KEY, SLOW_KEY
+from ..core.optim import Lookahead
+from ..core.settings import LookaheadConfigError, LookaheadSettings, OuterSettings
+
+__all__ = [
+    "NodeTopology",
+    "OuterLookahead",
+    "broadcast_initial_weights",
+    "node_checkpoint_dir",
+    "per_node_checkpoints",
+    "topology_of",
+]
+
+#: Attribute set on an engine whose save/load_checkpoint already use per-node folders.
+_PER_NODE = "_lookahead_per_node_checkpoints"
+
+
+# ---------------------------------------------------------------------------------------- groups
+def _local_world_size(override: int | None) -> int:
+    if override is not None:
+        return override
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    if value is None:
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" needs the number of ranks per node: launch with torchrun (it sets '
+            "LOCAL_WORLD_SIZE) or set lookahead.outer.local_world_size."
+        )
+    try:
+        return int(value)
+    except ValueError:
+        raise LookaheadConfigError(f"Lookahead: LOCAL_WORLD_SIZE={value!r} is not an int.") from None
+
+
+class NodeTopology:
+    """The node-local data-parallel groups and the cross-node groups, usable as DeepSpeed's ``mpu``.
+
+    DeepSpeed asks an ``mpu`` for its data-parallel group (here: this node's ranks) and its model-parallel
+    group (here: this rank alone, so the model-parallel reductions of gradient norms stay local). The
+    cross-node group of a rank is every rank with the same local rank, i.e. the ranks holding the same ZeRO
+    partition on the other nodes. Must be built on every rank, in the same order (``new_group`` rules).
+    """
+
+    def __init__(self, local_world_size: int | None = None) -> None:
+        if not tdist.is_available() or not tdist.is_initialized():
+            raise RuntimeError(
+                "lookahead_dist.deepspeed.outer: torch.distributed is not initialised; call "
+                "deepspeed.init_distributed() (or lookahead_dist.deepspeed.initialize) first."
+            )
+        world, rank = tdist.get_world_size(), tdist.get_rank()
+        local = _local_world_size(local_world_size)
+        if local < 1 or world % local:
+            raise LookaheadConfigError(
+                f"Lookahead: local_world_size={local} does not divide the world size {world}; every node must "
+                f"run the same number of ranks (set lookahead.outer.local_world_size to the ranks per node)."
+            )
+        self.world_size = world
+        self.rank = rank
+        self.local_world_size = local
+        self.num_nodes = world // local
+        self.node = rank // local
+        self.local_rank = rank % local
+        self.node_ranks = [self.node * local + i for i in range(local)]
+        self.cross_ranks = [n * local + self.local_rank for n in range(self.num_nodes)]
+        self.node_group: Any = None
+        self.cross_group: Any = None
+        for n in range(self.num_nodes):  # every rank creates every group, in the same order
+            ranks = [n * local + i for i in range(local)]
+            group = tdist.new_group(ranks)
+            if n == self.node:
+                self.node_group = group
+        for i in range(local):
+            ranks = [n * local + i for n in range(self.num_nodes)]
+            group = tdist.new_group(ranks)
+            if i == self.local_rank:
+                self.cross_group = group
+        # Only this rank takes part in its own group, so only it creates it.
+        self.self_group = tdist.new_group([rank], use_local_synchronization=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"NodeTopology(nodes={self.num_nodes}, local_world_size={self.local_world_size}, "
+            f"node={self.node}, local_rank={self.local_rank})"
+        )
+
+    def same_node(self, ranks: list[int]) -> bool:
+        """Whether all ``ranks`` (global) belong to one node."""
+        return len({r // self.local_world_size for r in ranks}) <= 1
+
+    # The mpu interface DeepSpeed 0.19 queries (data and model parallelism only).
+    def get_data_parallel_group(self) -> Any:
+        return self.node_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.local_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.local_world_size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.node_ranks)
+
+    def get_model_parallel_group(self) -> Any:
+        return self.self_group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self.rank
+
+
+def topology_of(engine: Any) -> NodeTopology | None:
+    mpu = getattr(engine, "mpu", None)
+    return mpu if isinstance(mpu, NodeTopology) else None
+
+
+def broadcast_initial_weights(model: torch.nn.Module, topology: NodeTopology) -> None:
+    """Make every node start from rank 0's weights (DeepSpeed broadcasts only inside each node's group).
+
+    One-off, before ``deepspeed.initialize``: φ₀ must be the same on every node.
+    """
+    tensors = [t for t in list(model.parameters()) + list(model.buffers())]
+    if any(hasattr(t, "ds_id") for t in tensors):
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" cannot take a model built under deepspeed.zero.Init (its parameters '
+            "are already partitioned over the global group); build the model normally, ZeRO-3 still partitions "
+            "it inside each node."
+        )
+    if topology.world_size == 1:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            if t.device.type == "cpu" or tdist.get_backend() == "gloo":
+                tdist.broadcast(t.data, src=0)
+            else:
+                t.data.copy_(_broadcast_via_device(t.data))
+
+
+def _broadcast_via_device(t: Tensor) -> Tensor:
+    from deepspeed.accelerator import get_accelerator
+
+    buf = t.to(get_accelerator().current_device_name())
+    tdist.broadcast(buf, src=0)
+    return buf
+
+
+# ---------------------------------------------------------------------------------------- the outer step
+class OuterLookahead(Lookahead):
+    """:class:`Lookahead` whose sync is the cross-node outer step (see the module docstring).
+
+    Everything but the sync is the core's: φ and the per-tensor counters in the inner optimizer's state,
+    the first sync after ``k`` inner steps, ``use_slow_weights``, checkpoints. All ranks of a cross-node
+    group hold the same partition layout and step in lock-step, so their syncs (one per inner ``step()``
+    call that completes a cycle: per param group under ZeRO-1/2, per sub-group under ZeRO-3) pair up.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, settings: LookaheadSettings, topology: NodeTopology,
+                 allow_empty: bool = False) -> None:
+        super().__init__(optimizer, settings=settings, allow_empty=allow_empty)
+        self.topology = topology
+        self.outer: OuterSettings = settings.outer
+        #: Elements and bytes this process sent into cross-node all-reduces (information, not persisted).
+        self.outer_elements = 0
+        self.outer_bytes = 0
+
+    def _outer_lr(self, gi: int) -> float:
+        if self.outer.lr is not None:
+            return float(self.outer.lr)
+        spec = self.param_groups[gi].get(GROUP_ALPHA, self.alpha)
+        if spec == "adaptive":
+            raise LookaheadConfigError(
+                f"Lookahead: param_group[{GROUP_ALPHA!r}]='adaptive' is not supported with outer.scope=\"nodes\"; "
+                f"use a fixed alpha or set outer.lr."
+            )
+        return float(spec)
+
+    def _mean_deltas(self, fast: list[Tensor], slow: list[Tensor]) -> list[Tensor]:
+        """mean over nodes of θ − φ, one tensor per ``fast`` tensor (fp32 like the partitions)."""
+        deltas = torch._foreach_sub(fast, slow)
+        nodes = self.topology.num_nodes
+        if nodes == 1:
+            return list(deltas)
+        bf16 = self.outer.comm_dtype == "bf16"
+        flat = torch.cat([d.reshape(-1) for d in deltas])
+        buf = flat.to(torch.bfloat16) if bf16 else flat
+        group = self.topology.cross_group
+        if buf.device.type == "cpu" and tdist.get_backend(group) != "gloo":
+            from deepspeed.accelerator import get_accelerator
+
+            buf = buf.to(get_accelerator().current_device_name())
+        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM, group=group)
+        self.outer_elements += buf.numel()
+        self.outer_bytes += buf.numel() * buf.element_size()
+        mean = buf.to(device=flat.device, dtype=flat.dtype).div_(nodes)
+        out, start = [], 0
+        for d in deltas:
+            out.append(mean[start : start + d.numel()].view_as(d))
+            start += d.numel()
+        return out
+
+    def _sync(self, due: dict[int, list[Tensor]]) -> None:
+        state = self.optimizer.state
+        order = [(gi, p) for gi in sorted(due) for p in due[gi]]
+        fast = [p for _, p in order]
+        slow = [state[p][SLOW_KEY] for p in fast]
+        lrs = {gi: self._outer_lr(gi) for gi in due}
+        single_plain = self.topology.num_nodes == 1 and self.outer.momentum is None
+        if single_plain:
+            means: list[Tensor] = []  # exactly the core's lerp below: one node is plain Lookahead
+        else:
+            means = self._mean_deltas(fast, slow)
+            keep = self._check_finite(fast, means)
+            if keep is not None:
+                order = [order[i] for i in keep]
+                fast, slow, means = [fast[i] for i in keep], [slow[i] for i in keep], [means[i] for i in keep]
+        buckets: dict[float, list[int]] = defaultdict(list)
+        for i, (gi, _) in enumerate(order):
+            buckets[lrs[gi]].append(i)
+        beta = self.outer.momentum
+        for lr, idx in buckets.items():
+            phis = [slow[i] for i in idx]
+            if single_plain:
+                torch._foreach_lerp_(phis, [fast[i] for i in idx], lr)  # φ ← φ + α(θ − φ)
+                continue
+            steps = [means[i] for i in idx]
+            if beta is not None:
+                bufs = []
+                for i in idx:
+                    st = state[fast[i]]
+                    if OUTER_MOMENTUM_KEY not in st:
+                        st[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow[i])
+                    bufs.append(st[OUTER_MOMENTUM_KEY])
+                torch._foreach_mul_(bufs, beta)
+                torch._foreach_add_(bufs, steps)  # m ← β·m + mean(θ − φ)
+                steps = torch._foreach_add(steps, bufs, alpha=beta) if self.outer.nesterov else bufs
+            torch._foreach_add_(phis, steps, alpha=lr)  # φ ← φ + lr·step
+        if fast:
+            torch._foreach_copy_(fast, slow)  # θ ← φ
+        for gi in due:
+            self.param_groups[gi][LAST_ALPHA] = lrs[gi]
+        if self.pullback == "pullback" and fast:
+            # The momentum-like inner buffers are local to each node; pull them back locally with α.
+            for gi in due:
+                ps = [p for g, p in order if g == gi]
+                if ps:
+                    self._pull_back_buffers(ps, float(self.param_groups[gi].get(GROUP_ALPHA, self.alpha)))
+        elif self.pullback == "reset":
+            for p in fast:
+                st = state[p]
+                self._spare[p] = st[SLOW_KEY]
+                st.clear()
+        self._count_sync()
+
+    def _check_finite(self, fast: list[Tensor], means: list[Tensor]) -> list[int] | None:
+        """Indices of tensors whose mean delta is finite (the same verdict on every node), or None if all."""
+        finite = [bool(torch.isfinite(m).all()) for m in means]
+        if all(finite):
+            return None
+        bad = sum(1 for f in finite if not f)
+        if self.settings.nonfinite == "raise":
+            raise FloatingPointError(
+                f"Lookahead: the outer step found non-finite fast weights on some node in {bad} tensor(s); "
+                f'set lookahead.nonfinite="skip" to keep φ for them and continue.'
+            )
+        warnings.warn(
+            f"Lookahead: non-finite fast weights on some node in {bad} tensor(s) at an outer step; their slow "
+            f"weights are kept and the fast weights restart from them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        # θ ← φ for the skipped tensors too: every node restarts the cycle from the same point.
+        skipped = [i for i, f in enumerate(finite) if not f]
+        state = self.optimizer.state
+        torch._foreach_copy_([fast[i] for i in skipped], [state[fast[i]][SLOW_KEY] for i in skipped])
+        return [i for i, f in enumerate(finite) if f]
+
+
+# ---------------------------------------------------------------------------------------- install helpers
+def check_engine(engine: Any) -> NodeTopology:
+    """The engine's :class:`NodeTopology`, or a clear error if the engine was built without it."""
+    topology = topology_of(engine)
+    if topology is None:
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" needs the node-local data-parallel groups to exist before '
+            "deepspeed.initialize: use lookahead_dist.deepspeed.initialize (it builds them from the config), "
+            "or pass mpu=lookahead_dist.deepspeed.outer.NodeTopology() to deepspeed.initialize."
+        )
+    if getattr(engine, "data_parallel_group", topology.node_group) is not topology.node_group:
+        raise LookaheadConfigError(
+            "Lookahead: the engine's data-parallel group is not its node's group; DeepSpeed did not take the "
+            "NodeTopology passed as mpu."
+        )
+    fp16 = getattr(engine, "fp16_enabled", None)
+    if callable(fp16) and fp16():
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" does not support fp16 loss scaling (nodes would skip different '
+            "steps and their cycles drift apart); use bf16 or fp32."
+        )
+    return topology
+
+
+def node_checkpoint_dir(save_dir: Any, topology: NodeTopology) -> str:
+    """Where a node's files go: ``<save_dir>/node<i>`` (each node's fast weights differ mid-cycle)."""
+    return os.path.join(os.fspath(save_dir), f"node{topology.node}")
+
+
+def per_node_checkpoints(engine: Any, topology: NodeTopology) -> None:
+    """Send ``engine.save_checkpoint`` / ``load_checkpoint`` to a per-node subfolder of the directory given.
+
+    DeepSpeed names checkpoint files by the rank inside the data-parallel group and the model-parallel
+    rank, so with one group per node every node would write the same file names (and its own ``latest``)
+    into one shared folder. Wrapping the engine's methods (instead of asking callers to pass another
+    folder) keeps Lightning's DeepSpeedStrategy and user code, which call them directly, correct.
+    """
+    if getattr(engine, _PER_NODE, False):
+        return
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir: Any, *args: Any, **kwargs: Any) -> Any:
+        return save(node_checkpoint_dir(save_dir, topology), *args, **kwargs)
+
+    def load_checkpoint(load_dir: Any, *args: Any, **kwargs: Any) -> Any:
+        return load(node_checkpoint_dir(load_dir, topology), *args, **kwargs)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+    setattr(engine, _PER_NODE, True)
