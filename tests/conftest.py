@@ -1,0 +1,57 @@
+"""Test-session set-up shared by every test file. Helpers that tests import live in ``tests/helpers.py``.
+
+Hugging Face libraries run offline and keep every cache in a temporary folder, in this process and (through
+the inherited environment) in every process a test launches, so no test writes to ``~/.cache/huggingface``.
+DeepSpeed's JIT-built ops in ``~/.cache/torch_extensions`` stay where they are (see ``offline_hf_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import offline_hf_env
+
+_HF_ROOT = pytest.StashKey[Path]()
+_SAVED_ENV = pytest.StashKey[dict[str, "str | None"]]()
+MARK = "LOOKAHEAD_TEST_HF_HOME"  # tells tests/helpers.py that HF_HOME is this session's temporary one
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Set before collection, not in a fixture: huggingface_hub and datasets read these variables once, when
+    # first imported, and a test module may import them at collection time.
+    root = Path(tempfile.mkdtemp(prefix="lookahead-tests-hf-"))
+    values = {**offline_hf_env(root), MARK: str(root)}
+    config.stash[_HF_ROOT] = root
+    config.stash[_SAVED_ENV] = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in config.stash.get(_SAVED_ENV, {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    root = config.stash.get(_HF_ROOT, None)
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hf_home(pytestconfig: pytest.Config) -> Iterator[Path]:
+    """This session's temporary ``HF_HOME`` (Hugging Face offline, caches in it); fails if a test moved it."""
+    root = pytestconfig.stash[_HF_ROOT]
+    expected = offline_hf_env(root)
+    yield root
+    changed = {
+        name: os.environ.get(name) for name, value in expected.items() if os.environ.get(name) != value
+    }
+    assert not changed, (
+        f"a test changed the offline Hugging Face environment for the rest of the session: {changed}"
+    )
