@@ -241,7 +241,7 @@ def _validate(s: LookaheadSettings, where: str) -> dict[str, Any]:
     high = check_alpha(bounds[1], f"{where}alpha_bounds[1]", allow_adaptive=False)
     if low > high:  # type: ignore[operator]
         raise _error(f"{where}alpha_bounds", bounds, "(low, high) with low <= high, e.g. (0.5, 1.0)")
-    fallback = s.alpha_fallback
+    fallback: Any = s.alpha_fallback
     if fallback is not None:
         fallback = check_alpha(fallback, f"{where}alpha_fallback", allow_adaptive=False)
     keys = s.pullback_keys

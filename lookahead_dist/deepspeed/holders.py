@@ -61,7 +61,11 @@ class Holder:
         """Make the model compute with φ; the returned function restores θ bit-exactly."""
         swap = lookahead.use_slow_weights()  # stage 0 fp32: φ lives beside the model's own weights
         swap.__enter__()
-        return lambda: swap.__exit__(None, None, None)
+
+        def restore() -> None:
+            swap.__exit__(None, None, None)
+
+        return restore
 
 
 class _WrappingHolder(Holder):
