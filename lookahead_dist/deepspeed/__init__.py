@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,8 +47,16 @@ from .._versions import check_versions
 from ..core.keys import CONFIG_KEY
 from ..core.optim import Lookahead
 from ..core.settings import AlphaSpec, LookaheadConfigError, LookaheadSettings
+from .checkpoint import (
+    RESTORES_UNIVERSAL,
+    IncompleteCheckpointError,
+    check_checkpoint,
+    load_checkpoint,
+    resolve_load_tag,
+    restore_if_universal,
+    save_checkpoint,
+)
 from .config import parse_lookahead_config, settings_from_section, split_config
-from .checkpoint import RESTORES_UNIVERSAL, load_checkpoint, restore_if_universal
 from .holders import (
     UnsupportedDeepSpeedModeError,
     dp_all_reduce,
@@ -58,13 +67,16 @@ from .holders import (
 
 __all__ = [
     "CONFIG_KEY",
+    "IncompleteCheckpointError",
     "LookaheadConfigError",
     "UnsupportedDeepSpeedModeError",
+    "check_checkpoint",
     "find_lookahead",
     "initialize",
     "install",
     "load_checkpoint",
     "parse_lookahead_config",
+    "save_checkpoint",
     "settings_from_section",
     "split_config",
     "use_slow_weights",
@@ -100,9 +112,15 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
         return deepspeed.initialize(*bound.args, **bound.kwargs)
     ds_config, lookahead_kwargs = split_config(source)
     arguments["config"] = ds_config
+    settings = None if lookahead_kwargs is None else LookaheadSettings(**lookahead_kwargs)
+    if settings is not None and settings.outer.scope == "nodes":
+        # Cross-node Lookahead: the node-local data-parallel groups must exist before the engine does.
+        from .outer import prepare_nodes
+
+        prepare_nodes(arguments, settings)  # sets arguments["mpu"]
     engine, optimizer, loader, scheduler = deepspeed.initialize(*bound.args, **bound.kwargs)
-    if lookahead_kwargs is not None:
-        install(engine, settings=LookaheadSettings(**lookahead_kwargs))
+    if settings is not None:
+        install(engine, settings=settings)
     return engine, optimizer, loader, scheduler
 
 
@@ -144,18 +162,37 @@ def install(
             "lookahead_dist.deepspeed.install: this engine already has a Lookahead; change its settings via "
             "find_lookahead(engine).settings instead of installing twice."
         )
+    if getattr(engine, "loaded_checkpoint_dp_world_size", None) is not None:
+        # Set by DeepSpeed at every completed engine.load_checkpoint. The loaded optimizer state then
+        # lacks what only an installed Lookahead restores (universal checkpoints: the cycle position),
+        # and it was loaded without the checks Lookahead.load_state_dict runs.
+        raise RuntimeError(
+            "lookahead_dist.deepspeed.install: this engine has already loaded a checkpoint; install "
+            "Lookahead first, then call engine.load_checkpoint (or lookahead_dist.deepspeed.initialize with "
+            'a "lookahead" config section, which installs before you load).'
+        )
     refuse_unsupported(engine)
     holder = holder_for(engine)
     if settings.alpha == "adaptive":
         holder.check_adaptive()
-    lookahead = Lookahead(
-        holder.inner,
-        settings=settings,
-        reduce_fn=dp_all_reduce(engine) if holder.sharded else None,
-        allow_empty=holder.fills_groups_while_stepping,
-    )
+    if settings.outer.scope == "nodes":
+        from .outer import OuterLookahead, check_engine, per_node_checkpoints
+
+        topology = check_engine(engine)
+        lookahead: Lookahead = OuterLookahead(
+            holder.inner, settings=settings, topology=topology, allow_empty=holder.fills_groups_while_stepping
+        )
+    else:
+        lookahead = Lookahead(
+            holder.inner,
+            settings=settings,
+            reduce_fn=dp_all_reduce(engine) if holder.sharded else None,
+            allow_empty=holder.fills_groups_while_stepping,
+        )
     holder.inner = lookahead
     _complete_universal_loads(engine)
+    if settings.outer.scope == "nodes":
+        per_node_checkpoints(engine, topology)
     return lookahead
 
 
@@ -169,28 +206,29 @@ def _complete_universal_loads(engine: Any) -> None:
     checkpoints need nothing: φ and the counters are in the per-rank optimizer state.
     """
     original = engine.load_checkpoint
+    # Version guard for the patch: it forwards (load_dir, tag, **kwargs); a DeepSpeed whose
+    # load_checkpoint takes other arguments would silently lose them.
+    parameters = list(inspect.signature(original).parameters)
+    if parameters[:2] != ["load_dir", "tag"]:
+        raise UnsupportedDeepSpeedModeError(
+            f"lookahead_dist.deepspeed: engine.load_checkpoint{inspect.signature(original)} is not the "
+            f"(load_dir, tag, ...) this adapter was written for; use the tested DeepSpeed 0.19.x."
+        )
 
     def load_checkpoint(load_dir: Any, tag: Any = None, **kwargs: Any) -> Any:
+        if not engine.load_universal_checkpoint() and (
+            tag is not None or os.path.isfile(os.path.join(load_dir, "latest"))
+        ):
+            # Refuse a tag whose rank files are missing or truncated (a save cut short), on every rank
+            # alike and before DeepSpeed half-loads it; lookahead_dist.deepspeed.load_checkpoint(...,
+            # fallback=True) loads the last complete tag instead.
+            tag = resolve_load_tag(load_dir, tag)
         result = original(load_dir, tag=tag, **kwargs)
         restore_if_universal(engine, load_dir, tag, kwargs, result)
         return result
 
     engine.load_checkpoint = load_checkpoint
     setattr(engine, RESTORES_UNIVERSAL, True)
-
-
-def load_checkpoint(engine: Any, load_dir: Any, tag: str | None = None, **load_kwargs: Any) -> tuple[Any, Any]:
-    """``engine.load_checkpoint`` plus, for universal checkpoints, the Lookahead state DeepSpeed drops.
-
-    An engine set up by :func:`install` already does this in its own ``load_checkpoint``; this function
-    is for engines whose Lookahead was installed another way.
-    """
-    from .checkpoint import restore_if_universal
-
-    result = engine.load_checkpoint(load_dir, tag=tag, **load_kwargs)
-    if not getattr(engine, "_lookahead_restores_universal", False):
-        restore_if_universal(engine, load_dir, tag, load_kwargs, result)
-    return result
 
 
 # ---------------------------------------------------------------------------------------- slow weights
