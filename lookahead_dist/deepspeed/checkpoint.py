@@ -16,10 +16,17 @@ they live in the inner optimizer's per-tensor state. Two DeepSpeed tools do not 
 
 Data parallelism only (ZeRO-1/2/3, any world size); tensor- or pipeline-parallel checkpoints are refused.
 
+Incomplete checkpoints: DeepSpeed's rank 0 writes ``latest`` without waiting for the other ranks, so
+after a crash during a save ``latest`` can name a tag whose per-rank files are missing or truncated.
+:func:`check_checkpoint` finds the complete tags, :func:`load_checkpoint` refuses an incomplete tag (or,
+with ``fallback=True``, loads the last complete one with a warning), and :func:`save_checkpoint` writes
+``latest`` only after every rank has finished writing.
+
 CLI::
 
+    python -m lookahead_dist.checkpoint check CKPT_DIR [--tag TAG]
     python -m lookahead_dist.checkpoint to-universal CKPT_DIR [--tag TAG] [--output-dir DIR]
-    python -m lookahead_dist.checkpoint slow-weights CKPT_DIR OUT.pt|OUT.safetensors [--tag TAG]
+    python -m lookahead_dist.checkpoint slow-weights CKPT_DIR|LIGHTNING.ckpt OUT.pt|OUT.safetensors [--tag TAG]
 """
 
 from __future__ import annotations
@@ -31,7 +38,11 @@ import io
 import json
 import os
 import re
+import sys
+import warnings
+import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +54,18 @@ from .holders import find_lookahead
 
 __all__ = [
     "UNIVERSAL_META_FILE",
+    "IncompleteCheckpointError",
+    "TagReport",
+    "check_checkpoint",
+    "check_tag",
     "consolidated_slow_state_dict",
+    "last_complete_tag",
+    "lightning_slow_state_dict",
     "load_checkpoint",
     "main",
+    "resolve_load_tag",
     "restore_after_universal_load",
+    "save_checkpoint",
     "save_consolidated_slow_weights",
     "to_universal",
 ]
@@ -57,6 +76,7 @@ _META_FORMAT = 1
 #: Set on an engine whose ``load_checkpoint`` already completes universal loads (see ``install``).
 RESTORES_UNIVERSAL = "_lookahead_restores_universal"
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL_FILE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 
 # DeepSpeed checkpoint keys (deepspeed.checkpoint.constants); literal so that importing this module
 # does not import DeepSpeed.
@@ -66,6 +86,215 @@ _SINGLE_PARTITION_OF_FP32_GROUPS = "single_partition_of_fp32_groups"
 _FP32_FLAT_GROUPS = "fp32_flat_groups"
 _PARAM_ALIGNMENT_PADDINGS = "param_alignment_paddings"
 _ZERO_STAGE = "zero_stage"
+
+
+# ---------------------------------------------------------------------------------- completeness
+class IncompleteCheckpointError(RuntimeError):
+    """A DeepSpeed checkpoint tag lacks per-rank files, or some are truncated (a save was interrupted)."""
+
+
+@dataclass
+class TagReport:
+    """What :func:`check_tag` found in one tag folder."""
+
+    tag: str
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    #: Data-parallel world size the tag was saved with (from its model-states file), if readable.
+    world_size: int | None = None
+    #: ``engine.global_steps`` at the save, if readable.
+    global_steps: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+
+def _readable_torch_file(path: Path) -> str | None:
+    """None if ``path`` is a complete torch.save archive, else what is wrong (cheap: no tensor is read)."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return f"{path.name} is not a torch.save archive"
+    except (zipfile.BadZipFile, OSError):
+        return f"{path.name} is truncated or corrupt ({path.stat().st_size} bytes; an interrupted write?)"
+    return None
+
+
+def check_tag(tag_dir: str | os.PathLike) -> TagReport:
+    """Whether a tag folder of ``engine.save_checkpoint`` holds every rank's files, each complete.
+
+    Expected files come from the tag's own model-states file: its ``dp_world_size`` and whether the
+    optimizer state is sharded (ZeRO: one ``*_optim_states.pt`` per data-parallel rank; ZeRO-3 also one
+    model-states file per rank). A file counts as complete when its zip directory (written last by
+    ``torch.save``) is intact.
+    """
+    path = Path(tag_dir)
+    report = TagReport(tag=path.name, path=path)
+    if not path.is_dir():
+        report.problems.append(f"{str(path)!r} does not exist")
+        return report
+    if (path / "zero").is_dir() and (path / UNIVERSAL_META_FILE).is_file():
+        if not any(path.glob("*_model_states.pt")):
+            report.problems.append("no *_model_states.pt file in the universal checkpoint")
+        return report
+    models: dict[str, re.Match[str]] = {}
+    for child in path.iterdir():
+        match = _MODEL_FILE.match(child.name)
+        if match:
+            models[child.name] = match
+    if not models:
+        report.problems.append("no *_model_states.pt file (rank 0 never wrote its part)")
+        return report
+    first = min(models)
+    problem = _readable_torch_file(path / first)
+    if problem:
+        report.problems.append(problem)
+        return report
+    head = torch.load(path / first, map_location="cpu", mmap=True, weights_only=False)
+    world = head.get("dp_world_size")
+    mp_world = head.get("mp_world_size", 1) or 1
+    report.world_size = int(world) if isinstance(world, int) else None
+    steps = head.get("global_steps")
+    report.global_steps = int(steps) if isinstance(steps, int) else None
+    if report.world_size is None:
+        return report  # not written by a DeepSpeed engine we know: only the readable file is checked
+    zero3 = models[first].group(1) is not None
+    sharded_optimizer = head.get("optimizer") is None and head.get("param_shapes") is not None
+    prefix = ""
+    if sharded_optimizer:
+        existing = [p.name for p in path.glob("*_optim_states.pt")]
+        prefix = "bf16_" if any(name.startswith("bf16_") for name in existing) else ""
+    expected = []
+    for mp in range(int(mp_world)):
+        if not zero3:
+            expected.append(f"mp_rank_{mp:02d}_model_states.pt")
+        for dp in range(report.world_size):
+            if zero3:
+                expected.append(f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt")
+            if sharded_optimizer:
+                expected.append(f"{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
+    for name in expected:
+        problem = _readable_torch_file(path / name)
+        if problem:
+            report.problems.append(problem)
+    return report
+
+
+def _tag_dirs(root: Path) -> list[Path]:
+    out = []
+    for child in root.iterdir():
+        if child.is_dir() and (
+            any(_MODEL_FILE.match(p.name) for p in child.iterdir()) or any(child.glob("*_optim_states.pt"))
+        ):
+            out.append(child)
+    return out
+
+
+def check_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[str | None, list[TagReport]]:
+    """(tag named by ``latest`` or None, a report per tag folder, oldest first by saved step then time)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Lookahead checkpoint: {str(root)!r} is not a directory; pass the folder given to "
+            f"engine.save_checkpoint."
+        )
+    latest_file = root / "latest"
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    dirs = _tag_dirs(root)
+    if latest is not None and (root / latest) not in dirs:
+        dirs.append(root / latest)
+    reports = [check_tag(d) for d in dirs]
+
+    def order(r: TagReport) -> tuple[float, float, str]:
+        mtime = max((p.stat().st_mtime for p in r.path.iterdir()), default=0.0) if r.path.is_dir() else 0.0
+        return (r.global_steps if r.global_steps is not None else -1.0, mtime, r.tag)
+
+    return latest, sorted(reports, key=order)
+
+
+def last_complete_tag(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The most recent complete tag of ``checkpoint_dir`` (by saved step, then time), or None."""
+    complete = [r for r in check_checkpoint(checkpoint_dir)[1] if r.complete]
+    return complete[-1].tag if complete else None
+
+
+def _incomplete_message(root: Path, report: TagReport, fallback_tag: str | None, named_by: str) -> str:
+    offer = (
+        f"The last complete tag is {fallback_tag!r}: load it with tag={fallback_tag!r}, or call "
+        f"lookahead_dist.deepspeed.load_checkpoint(engine, {str(root)!r}, fallback=True)."
+        if fallback_tag
+        else "No complete tag was found in this folder."
+    )
+    return (
+        f"Lookahead checkpoint: tag {report.tag!r} ({named_by}) in {str(root)!r} is incomplete: "
+        f"{'; '.join(report.problems)}. A save was interrupted (DeepSpeed writes 'latest' before every rank "
+        f"has finished). {offer} Inspect with: python -m lookahead_dist.checkpoint check {root}"
+    )
+
+
+def resolve_load_tag(load_dir: str | os.PathLike, tag: str | None = None, fallback: bool = False) -> str | None:
+    """The tag to load from ``load_dir``: ``tag``, else ``latest``; refused if incomplete.
+
+    With ``fallback=True`` an incomplete tag is replaced by the last complete one, with a warning.
+    Returns None when the folder has no ``latest`` and no tag was given (DeepSpeed then loads nothing).
+    """
+    root = Path(load_dir)
+    named_by = "given as tag="
+    if tag is None:
+        latest = root / "latest"
+        if not latest.is_file():
+            return None
+        tag, named_by = latest.read_text().strip(), "named by the 'latest' file"
+    report = check_tag(root / tag)
+    if report.complete:
+        return tag
+    fallback_tag = last_complete_tag(root)
+    message = _incomplete_message(root, report, fallback_tag, named_by)
+    if not fallback or fallback_tag is None:
+        raise IncompleteCheckpointError(message)
+    warnings.warn(
+        f"Lookahead checkpoint: tag {tag!r} in {str(root)!r} is incomplete ({'; '.join(report.problems)}); "
+        f"loading the last complete tag {fallback_tag!r} instead.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return fallback_tag
+
+
+def save_checkpoint(
+    engine: Any,
+    save_dir: str | os.PathLike,
+    tag: str | None = None,
+    client_state: dict[str, Any] | None = None,
+    save_latest: bool = True,
+    **save_kwargs: Any,
+) -> bool:
+    """``engine.save_checkpoint``, but ``latest`` is written only once every rank has written its files.
+
+    DeepSpeed's rank 0 writes ``latest`` as soon as its own files are done; a crash of another rank
+    during its write then leaves ``latest`` naming an incomplete tag. Here DeepSpeed saves without
+    ``latest``; its closing barrier is passed only when every rank's files are written; then rank 0
+    replaces ``latest`` atomically (write a temporary file, ``os.replace``) and all ranks meet again.
+    """
+    import deepspeed.comm as dist
+
+    if tag is None:
+        tag = f"global_step{engine.global_steps}"  # DeepSpeed's default tag
+    done = engine.save_checkpoint(
+        save_dir, tag=tag, client_state={} if client_state is None else client_state, save_latest=False,
+        **save_kwargs,
+    )  # fmt: skip
+    if save_latest:
+        if dist.get_rank() == 0:
+            latest = Path(save_dir) / "latest"
+            temporary = latest.with_name(f".latest.{os.getpid()}.tmp")
+            temporary.write_text(str(tag))
+            os.replace(temporary, latest)
+        dist.barrier()
+    return bool(done)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -97,6 +326,15 @@ def _resolve_tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None) -> Path
 
 def _load_rank_files(tag_dir: Path) -> tuple[int, list[dict[str, Any]]]:
     """(ZeRO stage, the optimizer-state dict of every data-parallel rank, in rank order)."""
+    report = check_tag(tag_dir)
+    if not report.complete:
+        root = tag_dir.parent
+        fallback_tag = last_complete_tag(root) if root.is_dir() else None
+        raise IncompleteCheckpointError(
+            _incomplete_message(root, report, fallback_tag, "being read").replace(
+                "load it with tag=", "pass --tag "
+            )
+        )
     by_rank: dict[int, str] = {}
     for path in glob.glob(str(tag_dir / "*_optim_states.pt")):
         match = _RANK_FILE.search(os.path.basename(path))
@@ -257,14 +495,120 @@ def consolidated_slow_state_dict(
     return _merge_like_zero_to_fp32(tag_dir, stage, states, flat, exclude_frozen_parameters)
 
 
+def _unique_embedding(wanted: list[tuple[int, ...] | None], have: list[tuple[int, ...]]) -> list[int] | None:
+    """Indices into ``have`` of the one way ``wanted`` (None: any shape) is an ordered subsequence of it."""
+    n, m = len(wanted), len(have)
+
+    def fits(a: tuple[int, ...] | None, b: tuple[int, ...]) -> bool:
+        return a is None or a == b
+
+    # ways[i][j]: ways to place wanted[:i] into have[:j], capped at 2 (we only need 0, 1 or "several").
+    ways = [[1] * (m + 1)] + [[0] * (m + 1) for _ in range(n)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            ways[i][j] = min(2, ways[i][j - 1] + (ways[i - 1][j - 1] if fits(wanted[i - 1], have[j - 1]) else 0))
+    if ways[n][m] != 1:
+        return None
+    picked, i, j = [], n, m
+    while i > 0:
+        if ways[i][j - 1] == 0:  # wanted[i-1] must sit at have[j-1]
+            picked.append(j - 1)
+            i -= 1
+        j -= 1
+    return picked[::-1]
+
+
+def lightning_slow_state_dict(
+    ckpt_path: str | os.PathLike, param_names: Sequence[str] | None = None, optimizer_index: int = 0
+) -> dict[str, Tensor]:
+    """The slow weights φ of a Lightning ``.ckpt`` file (single device / DDP) as a state dict of the module.
+
+    Lightning stores the module's ``state_dict`` and, per optimizer, the optimizer's state dict, whose
+    tensors are numbered in param-group order. ``param_names`` gives the module name of each optimizer
+    parameter in that order; without it the optimizer's parameters are taken to be the module's in
+    definition order (``model.parameters()``), matched by shape, and the file is refused when the shapes
+    do not determine one match. Entries without slow weights (buffers, parameters never stepped) keep
+    the saved values; everything is returned as fp32 like :func:`consolidated_slow_state_dict`.
+    """
+    path = Path(ckpt_path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
+        raise ValueError(
+            f"Lookahead checkpoint: {str(path)!r} is not a Lightning checkpoint with optimizer state "
+            f"('state_dict' and 'optimizer_states'); pass a DeepSpeed checkpoint folder or a Lightning .ckpt "
+            f"saved by Trainer (save_weights_only=False)."
+        )
+    optimizers = ckpt["optimizer_states"]
+    if not 0 <= optimizer_index < len(optimizers):
+        raise ValueError(
+            f"Lookahead checkpoint: {str(path)!r} has {len(optimizers)} optimizer state(s); "
+            f"optimizer_index={optimizer_index} does not exist."
+        )
+    osd = optimizers[optimizer_index]
+    order = [index for group in osd["param_groups"] for index in group["params"]]
+    states = osd["state"]
+    slow = {i: states[i][SLOW_KEY] for i in order if isinstance(states.get(i, {}).get(SLOW_KEY), Tensor)}
+    if not slow:
+        raise ValueError(
+            f"Lookahead checkpoint: {str(path)!r} holds no slow weights ('{SLOW_KEY}' in no optimizer state); "
+            f"was it saved with LookaheadCallback after at least one optimizer step?"
+        )
+    module = ckpt["state_dict"]
+    if param_names is not None:
+        names = list(param_names)
+        if len(names) != len(order) or any(name not in module for name in names):
+            raise ValueError(
+                f"Lookahead checkpoint: param_names must name the {len(order)} optimizer parameters of "
+                f"{str(path)!r} in param-group order, each a key of its state_dict; got {len(names)} names"
+                + (f", unknown: {[n for n in names if n not in module][:5]}" if any(n not in module for n in names)
+                   else "") + "."
+            )  # fmt: skip
+    else:
+        candidates = [n for n, t in module.items() if isinstance(t, Tensor) and t.is_floating_point()]
+
+        def shape_of(i: int) -> tuple[int, ...] | None:
+            tensor = next((v for v in states.get(i, {}).values() if isinstance(v, Tensor) and v.dim() > 0), None)
+            return tuple(slow[i].shape) if i in slow else (None if tensor is None else tuple(tensor.shape))
+
+        picked = _unique_embedding([shape_of(i) for i in order], [tuple(module[n].shape) for n in candidates])
+        if picked is None:
+            raise ValueError(
+                f"Lookahead checkpoint: cannot tell which module entry of {str(path)!r} each of the optimizer's "
+                f"{len(order)} parameters is (shapes are ambiguous or in another order than the module's); "
+                f"pass the names in optimizer order: --param-names FILE (one per line) or "
+                f"lightning_slow_state_dict(path, param_names=[...])."
+            )
+        names = [candidates[j] for j in picked]
+    out = {name: t.detach().float().clone() if t.is_floating_point() else t for name, t in module.items()}
+    for index, name in zip(order, names):
+        if index in slow:
+            if tuple(slow[index].shape) != tuple(module[name].shape):
+                raise ValueError(
+                    f"Lookahead checkpoint: slow weight {index} has shape {tuple(slow[index].shape)} but "
+                    f"{name!r} has {tuple(module[name].shape)}; check param_names."
+                )
+            out[name] = slow[index].detach().float().clone()
+    return out
+
+
 def save_consolidated_slow_weights(
     checkpoint_dir: str | os.PathLike,
     output_file: str | os.PathLike,
     tag: str | None = None,
+    param_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write :func:`consolidated_slow_state_dict` to ``output_file`` (``.safetensors`` or torch ``.pt``)."""
+    """Write the consolidated slow weights to ``output_file`` (``.safetensors`` or torch ``.pt``).
+
+    ``checkpoint_dir``: a DeepSpeed checkpoint folder (:func:`consolidated_slow_state_dict`) or a
+    Lightning ``.ckpt`` file (:func:`lightning_slow_state_dict`, which takes ``param_names``).
+    """
     out = Path(output_file)
-    state = consolidated_slow_state_dict(checkpoint_dir, tag)
+    if Path(checkpoint_dir).is_file():
+        if tag is not None:
+            raise ValueError(f"Lookahead checkpoint: --tag applies to DeepSpeed folders, not to {str(checkpoint_dir)!r}.")
+        state = lightning_slow_state_dict(checkpoint_dir, param_names)
+    else:
+        state = consolidated_slow_state_dict(checkpoint_dir, tag)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -288,7 +632,7 @@ def _run_ds_to_universal(tag_dir: Path, out: Path, num_workers: int) -> None:
         "--num_extract_workers", str(num_workers), "--num_merge_workers", str(num_workers),
         "--inject_missing_state",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(
             f"Lookahead to_universal: DeepSpeed's ds_to_universal failed on {str(tag_dir)!r} "
@@ -313,8 +657,6 @@ def to_universal(
     Resume with ``"checkpoint": {"load_universal": true}`` in the DeepSpeed config and
     :func:`load_checkpoint` (or ``engine.load_checkpoint`` then :func:`restore_after_universal_load`).
     """
-    from deepspeed.checkpoint import ds_to_universal
-
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"Lookahead to_universal: num_workers={num_workers!r} must be an int >= 1.")
     tag_dir = _resolve_tag_dir(checkpoint_dir, tag)
@@ -478,13 +820,26 @@ def restore_after_universal_load(
 
 
 def load_checkpoint(
-    engine: Any, load_dir: str | os.PathLike, tag: str | None = None, **load_kwargs: Any
+    engine: Any,
+    load_dir: str | os.PathLike,
+    tag: str | None = None,
+    *,
+    fallback: bool = False,
+    **load_kwargs: Any,
 ) -> tuple[Any, Any]:
-    """``engine.load_checkpoint`` plus, for universal checkpoints, :func:`restore_after_universal_load`.
+    """``engine.load_checkpoint``, refusing incomplete tags, plus the Lookahead state universal loads drop.
 
-    An engine set up by :func:`lookahead_dist.deepspeed.install` already does this in its own
-    ``load_checkpoint``; this function is for engines whose Lookahead was installed another way.
+    A regular tag (``tag`` or the one ``latest`` names) whose per-rank files are missing or truncated is
+    refused with :class:`IncompleteCheckpointError` naming the files and the last complete tag; with
+    ``fallback=True`` that tag is loaded instead, with a warning. Every rank reads the same folder, so
+    every rank decides the same. For universal checkpoints this also runs
+    :func:`restore_after_universal_load` (an engine set up by :func:`lookahead_dist.deepspeed.install`
+    does that in its own ``load_checkpoint``).
     """
+    if not engine.load_universal_checkpoint():
+        tag = resolve_load_tag(load_dir, tag, fallback=fallback)
+        if tag is None:
+            return None, None  # no 'latest' and no tag: what DeepSpeed returns (it also warns)
     result = engine.load_checkpoint(load_dir, tag=tag, **load_kwargs)
     if not getattr(engine, RESTORES_UNIVERSAL, False):
         restore_if_universal(engine, load_dir, tag, load_kwargs, result)
@@ -514,18 +869,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     uni.add_argument("--tag", default=None, help="tag folder to convert (default: the 'latest' file)")
     uni.add_argument("--output-dir", default=None, help="default: <tag>_universal beside the tag folder")
     uni.add_argument("--num-workers", type=int, default=1, help="processes for DeepSpeed's extraction/merge")
+    check = sub.add_parser("check", help="which tags are complete (every rank's files present and intact)")
+    check.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint")
+    check.add_argument("--tag", default=None, help="check one tag only")
     slow = sub.add_parser("slow-weights", help="consolidated fp32 slow weights (like zero_to_fp32)")
-    slow.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint, or one tag folder")
+    slow.add_argument(
+        "checkpoint_dir", help="folder given to engine.save_checkpoint, one tag folder, or a Lightning .ckpt file"
+    )
     slow.add_argument("output_file", help="*.safetensors for safetensors, anything else for torch.save")
     slow.add_argument("--tag", default=None, help="tag folder to read (default: the 'latest' file)")
+    slow.add_argument(
+        "--param-names", default=None, help="Lightning .ckpt: file with the module name of each optimizer "
+        "parameter in param-group order, one per line (needed when shapes do not identify them)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if args.command == "to-universal":
-        out = to_universal(args.checkpoint_dir, args.tag, args.output_dir, num_workers=args.num_workers)
-        print(f"Lookahead universal checkpoint written to {out}")
-    else:
-        out = save_consolidated_slow_weights(args.checkpoint_dir, args.output_file, args.tag)
-        print(f"Consolidated slow weights written to {out}")
+    try:
+        if args.command == "check":
+            return _check_command(Path(args.checkpoint_dir), args.tag)
+        if args.command == "to-universal":
+            out = to_universal(args.checkpoint_dir, args.tag, args.output_dir, num_workers=args.num_workers)
+            print(f"Lookahead universal checkpoint written to {out}")
+        else:
+            names = None if args.param_names is None else Path(args.param_names).read_text().split()
+            out = save_consolidated_slow_weights(args.checkpoint_dir, args.output_file, args.tag, names)
+            print(f"Consolidated slow weights written to {out}")
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
+        # One line naming the file and the fix instead of a traceback (the messages are written for that).
+        print(f"python -m lookahead_dist.checkpoint {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _check_command(root: Path, tag: str | None) -> int:
+    """Print one line per tag; exit 0 if the tag to resume from is complete, 1 if not, 2 if none is."""
+    if tag is not None:
+        report = check_tag(root / tag)
+        print(_report_line(report))
+        return 0 if report.complete else 1
+    latest, reports = check_checkpoint(root)
+    for report in reports:
+        print(_report_line(report, is_latest=report.tag == latest))
+    complete = [r.tag for r in reports if r.complete]
+    if latest is None:
+        print(f"no 'latest' file in {str(root)!r}")
+    latest_ok = any(r.tag == latest and r.complete for r in reports)
+    if not complete:
+        print("no complete tag: nothing to resume from")
+        return 2
+    if latest_ok:
+        print(f"resume from: {latest}")
+        return 0
+    print(
+        f"'latest' names an incomplete tag; resume from the last complete one, {complete[-1]!r}: pass "
+        f"tag={complete[-1]!r}, or lookahead_dist.deepspeed.load_checkpoint(engine, DIR, fallback=True)"
+    )
+    return 1
+
+
+def _report_line(report: TagReport, is_latest: bool = False) -> str:
+    mark = " (latest)" if is_latest else ""
+    if report.complete:
+        detail = f"{report.world_size} rank(s)" if report.world_size is not None else "readable"
+        if report.global_steps is not None:
+            detail += f", step {report.global_steps}"
+        return f"{report.tag}{mark}: complete ({detail})"
+    return f"{report.tag}{mark}: INCOMPLETE: {'; '.join(report.problems)}"
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def _no_duplicates(source: str) -> Any:
 
 
 def _parse_text(text: str, source: str) -> dict[str, Any]:
-    import hjson  # a DeepSpeed dependency: DeepSpeed reads its config files with it
+    import hjson  # type: ignore[import-untyped]  # a DeepSpeed dependency; DeepSpeed reads configs with it
 
     try:
         loaded = hjson.loads(text, object_pairs_hook=_no_duplicates(source))
