@@ -28,7 +28,7 @@ def _message(fn: Any) -> str:
 
 
 @pytest.mark.parametrize("alpha", [0.5, "adaptive"])
-def test_reversed_alpha_bounds_refused_by_every_entry_point_with_one_message(alpha: float | str) -> None:
+def test_reversed_alpha_bounds_refused_by_every_entry_point_with_one_message(alpha: Any) -> None:
     ds = pytest.importorskip("lookahead_dist.deepspeed")
     pytest.importorskip("lightning")
     from lookahead_dist import LookaheadCallback
