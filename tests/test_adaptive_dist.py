@@ -3,38 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "dist" / "adaptive_ds.py"
+from tests.helpers import run_torchrun
+
 STAGES = ("zero2", "zero3")
 SYNC_STEPS = {2, 5, 8, 11}  # 0-based steps ending a cycle: k=3, 12 steps
 GROUPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("adaptive_ds") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    port = _free_port()
-    env["MASTER_PORT"] = str(port)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(SCRIPT), "--out", str(out)]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    proc = run_torchrun("tests.dist.adaptive_ds", ["--out", str(out)], nproc=2, timeout=400)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-4000:]
     return json.loads(out.read_text())
 
 

@@ -1,4 +1,7 @@
-"""Run under ``torchrun --nproc_per_node 2``: alpha="adaptive" under DeepSpeed ZeRO-2 / ZeRO-3 (CPU, gloo).
+"""alpha="adaptive" under DeepSpeed ZeRO-2 / ZeRO-3 (CPU, gloo). From the repository root:
+
+    torchrun --nproc_per_node 2 -m tests.dist.adaptive_ds --out results.json
+
 
 For each stage, three engines train the same steps: no Lookahead, fixed α, adaptive α. Every
 torch.distributed collective is logged per step (name, element count). Results (rank 0 writes JSON):
@@ -26,45 +29,15 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers import CollectiveLog
 
-# ------------------------------------------------------------------ collective log (patched before DeepSpeed
-# imports, since it keeps references to some of these functions)
-LOG: list[tuple[str, int]] = []
-COUNTING = [False]
-_COLLECTIVES = [
-    "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "all_to_all_single",
-    "all_to_all", "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list", "barrier",
-]
+# Every torch.distributed collective, logged while counting; installed before DeepSpeed is imported, since it
+# keeps references to some of these functions.
+COMM = CollectiveLog()
+COMM.install(tdist)
 
-
-def _numel(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value.numel()
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            return sum(t.numel() for t in value)
-    return 0
-
-
-def _wrap(name: str):
-    original = getattr(tdist, name)
-
-    def logged(*args, **kwargs):
-        if COUNTING[0]:
-            LOG.append((name, _numel(args, kwargs)))
-        return original(*args, **kwargs)
-
-    return logged
-
-
-for _name in _COLLECTIVES:
-    if hasattr(tdist, _name):
-        setattr(tdist, _name, _wrap(_name))
-
-import lookahead_dist.core.adaptive as adaptive  # noqa: E402
-from lookahead_dist import Lookahead  # noqa: E402
+from lookahead_dist import Lookahead
+from lookahead_dist.core import adaptive
 
 ALPHA_LOG: list[tuple[float, float, float]] = []  # (group lr, α applied, unclipped 1 + gᵀd/dᵀAd) per sync
 _original_adaptive_alpha = adaptive.adaptive_alpha
@@ -167,12 +140,10 @@ def train(stage: int, lookahead: dict | None, rank: int, world: int) -> tuple[li
     start = len(ALPHA_LOG)
     for step in range(STEPS):
         x, y = global_batch(step)
-        LOG.clear()
-        COUNTING[0] = True
-        engine.backward(F.mse_loss(engine(x[rows]), y[rows]))
-        engine.step()
-        COUNTING[0] = False
-        per_step.append(Counter(LOG))
+        with COMM.counting() as calls:
+            engine.backward(F.mse_loss(engine(x[rows]), y[rows]))
+            engine.step()
+        per_step.append(Counter(calls))
     alphas = ALPHA_LOG[start:]
     del ALPHA_LOG[start:]
     engine.destroy()
@@ -234,7 +205,7 @@ def main() -> None:
     for name, case in cases.items():
         try:
             results[name] = case()
-        except Exception:  # recorded per case, so one failure does not hide the others
+        except Exception:  # noqa: BLE001 - recorded per case, so one failure does not hide the others
             results[name] = {"error": traceback.format_exc()}
             print(results[name]["error"], file=sys.stderr, flush=True)
     if rank == 0:
