@@ -37,6 +37,7 @@ refused. ``alpha="adaptive"`` and ``pullback="reset"`` with momentum are refused
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections import defaultdict
@@ -368,12 +369,86 @@ def per_node_checkpoints(engine: Any, topology: NodeTopology) -> None:
         return
     save, load = engine.save_checkpoint, engine.load_checkpoint
 
+    save_signature = inspect.signature(save)
+
     def save_checkpoint(save_dir: Any, *args: Any, **kwargs: Any) -> Any:
-        return save(node_checkpoint_dir(save_dir, topology), *args, **kwargs)
+        folder = node_checkpoint_dir(save_dir, topology)
+        bound = save_signature.bind(folder, *args, **kwargs)
+        result = save(*bound.args, **bound.kwargs)
+        # DeepSpeed writes "latest" on global rank 0 only: the first rank of every other node writes its own.
+        if bound.arguments.get("save_latest", True) and topology.node != 0 and topology.local_rank == 0:
+            tag = bound.arguments.get("tag")
+            tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
+            with open(os.path.join(folder, "latest"), "w") as f:
+                f.write(tag)
+        return result
+
+    load_signature = inspect.signature(load)
 
     def load_checkpoint(load_dir: Any, *args: Any, **kwargs: Any) -> Any:
-        return load(node_checkpoint_dir(load_dir, topology), *args, **kwargs)
+        folder = node_checkpoint_dir(load_dir, topology)
+        bound = load_signature.bind(folder, *args, **kwargs)
+        shared_latest = os.path.join(os.fspath(load_dir), "latest")
+        # A saver that writes one "latest" for the whole run (lookahead_dist.deepspeed.checkpoint's
+        # save_checkpoint) leaves it beside the node folders.
+        if (
+            bound.arguments.get("tag") is None
+            and not os.path.isfile(os.path.join(folder, "latest"))
+            and os.path.isfile(shared_latest)
+        ):
+            with open(shared_latest) as f:
+                bound.arguments["tag"] = f.read().strip()
+        return load(*bound.args, **bound.kwargs)
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     setattr(engine, _PER_NODE, True)
+
+
+def check_ds_config(ds_config: dict[str, Any]) -> None:
+    """Adjust/refuse DeepSpeed settings that break the outer step (in place, before deepspeed.initialize)."""
+    zero = ds_config.get("zero_optimization") or {}
+    if isinstance(zero, dict) and int(zero.get("stage", 0)) == 3:
+        threshold = zero.get("stage3_param_persistence_threshold")
+        if threshold is None:
+            # Persistent (never re-partitioned) parameters keep gathered copies that the outer step's
+            # θ ← φ does not reach; with threshold 0 every parameter is gathered afresh from its partition.
+            zero["stage3_param_persistence_threshold"] = 0
+            ds_config["zero_optimization"] = zero
+        elif threshold != 0:
+            raise LookaheadConfigError(
+                f'Lookahead: outer.scope="nodes" with ZeRO-3 needs zero_optimization.'
+                f"stage3_param_persistence_threshold=0, got {threshold!r}; set it to 0 (or leave it out)."
+            )
+    fp16 = ds_config.get("fp16") or {}
+    if isinstance(fp16, dict) and fp16.get("enabled") in (True, "auto"):
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" does not support fp16 (loss-scale skips would differ between nodes '
+            'and their cycles drift apart); use "bf16": {"enabled": true} or fp32.'
+        )
+
+
+def build_topology(settings: LookaheadSettings) -> NodeTopology:
+    """Initialise torch.distributed the DeepSpeed way if needed, then build the node groups."""
+    if not tdist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed()
+    return NodeTopology(settings.outer.local_world_size)
+
+
+def prepare_nodes(arguments: dict[str, Any], settings: LookaheadSettings) -> NodeTopology:
+    """For ``deepspeed.initialize``'s bound ``arguments``: groups as ``mpu``, same start on every node."""
+    if arguments.get("mpu") is not None and not isinstance(arguments["mpu"], NodeTopology):
+        raise LookaheadConfigError(
+            'Lookahead: outer.scope="nodes" builds its own process groups and passes them as mpu; it cannot be '
+            "combined with a model-parallel mpu (tensor/pipeline parallelism)."
+        )
+    if isinstance(arguments.get("config"), dict):
+        check_ds_config(arguments["config"])
+    topology = arguments.get("mpu") or build_topology(settings)
+    model = arguments.get("model")
+    if isinstance(model, torch.nn.Module):
+        broadcast_initial_weights(model, topology)
+    arguments["mpu"] = topology
+    return topology
