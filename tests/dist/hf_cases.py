@@ -1,0 +1,188 @@
+"""Launched by tests/test_hf.py: ``python -m tests.dist.hf_cases OUT MODE`` with MODE single, or ddp | zero2 | zero3
+under ``torchrun --nproc_per_node 2``. Runs, in this process group, several ``transformers.Trainer`` trainings of
+tests/dist/hf_common.py's model with ``LookaheadTrainerCallback`` and writes ``OUT/MODE_rank{r}.pt``:
+
+* ``full``   STEPS steps, a checkpoint at SAVE_AT (mid-cycle); θ, φ, cycle counters, logs, collectives per step;
+* ``resume`` a new model and Trainer, ``train(resume_from_checkpoint=<full's checkpoint>)`` to STEPS;
+* ``eval``   like ``full`` with evaluation every 2 steps, then ``trainer.evaluate()`` (slow weights);
+* ``plain``  (ZeRO modes) no callback: the collectives per step without Lookahead;
+* ``again``  (single, ddp) ``trainer.train()`` twice on the same Trainer;
+* ``section``, ``conflict`` (zero2) the DeepSpeed config's "lookahead" section, without and with callback options.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.helpers import CollectiveLog
+
+warnings.filterwarnings("ignore")
+
+REPO = Path(__file__).resolve().parents[2]
+MODE = sys.argv[2]
+LOG = CollectiveLog()
+LOG.install(torch.distributed)  # before DeepSpeed is imported: it keeps references to these functions
+if MODE.startswith("zero"):
+    import deepspeed.comm
+
+    LOG.install(deepspeed.comm, prefix="ds.")
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from lookahead_dist.core.keys import COUNT_KEY, SLOW_KEY
+from lookahead_dist.core.settings import LookaheadConfigError
+from lookahead_dist.transformers import LookaheadTrainerCallback
+from tests.dist.hf_common import (
+    ALPHA,
+    LR,
+    N_TRAIN,
+    SAVE_AT,
+    SECTION,
+    STEPS,
+    WD,
+    K,
+    eval_set,
+    make_model,
+    train_set,
+)  # fmt: skip
+
+OUT = Path(sys.argv[1])
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+
+
+COMM: list[list[tuple[str, int]]] = []  # per optimizer step of the current run
+
+
+class StepCollectives(TrainerCallback):
+    """Records the collectives issued between the start and the end of each optimizer step."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = len(LOG.calls)
+        LOG.active = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        LOG.active = False
+        COMM.append(LOG.calls[self.start :])
+        del LOG.calls[self.start :]
+
+
+def ds_config(stage: int, section: dict | None = None) -> dict:
+    config = json.loads((REPO / "configs" / f"hf_zero{stage}.json").read_text())
+    if stage == 3:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
+    if section is not None:
+        config["lookahead"] = section
+    return config
+
+
+def make_args(name: str, *, ds: dict | None = None, **overrides: Any) -> TrainingArguments:
+    values: dict[str, Any] = {
+        "output_dir": str(OUT / MODE / name), "max_steps": STEPS, "per_device_train_batch_size": N_TRAIN // WORLD,
+        "per_device_eval_batch_size": N_TRAIN // WORLD, "learning_rate": LR, "weight_decay": WD,
+        "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 0.0, "optim": "adamw_torch",
+        "train_sampling_strategy": "sequential", "logging_steps": 1, "save_strategy": "no", "report_to": [],
+        "use_cpu": True, "seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0, "deepspeed": ds,
+    }  # fmt: skip
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def default_ds() -> dict | None:
+    return ds_config(int(MODE[-1])) if MODE.startswith("zero") else None
+
+
+def gathered(trainer: Trainer, engine: Any, slow: bool) -> list[torch.Tensor]:
+    """Full θ (fp32 masters under DeepSpeed) or, with ``slow``, full φ as the model computes with it."""
+    params = list(trainer.model.parameters())
+    if engine is None:
+        return [p.detach().clone() for p in params]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if not slow:
+        return [safe_get_full_fp32_param(p).detach().clone() for p in params]
+    import deepspeed
+
+    from lookahead_dist.deepspeed import use_slow_weights
+
+    with use_slow_weights(engine):
+        if engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters(params):
+                return [p.detach().clone() for p in params]
+        return [p.detach().clone() for p in params]
+
+
+def record(trainer: Trainer, cb: LookaheadTrainerCallback | None) -> dict[str, Any]:
+    engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
+    out: dict[str, Any] = {"theta": gathered(trainer, engine, slow=False), "logs": trainer.state.log_history}
+    if cb is not None:
+        assert cb.lookahead is not None
+        la = cb.lookahead
+        if engine is None:
+            out["phi"] = [la.state[p][SLOW_KEY].clone() for p in trainer.model.parameters()]
+        else:
+            out["phi"] = gathered(trainer, engine, slow=True)
+        # This rank's raw Lookahead state (its shard under ZeRO), for bitwise resume checks.
+        out["shard_phi"] = [st[SLOW_KEY].clone() for st in la.state.values() if SLOW_KEY in st]
+        out["counts"] = [st[COUNT_KEY] for st in la.state.values() if SLOW_KEY in st]
+        out["sync_count"] = la.sync_count
+        out["syncs_done"] = cb.syncs_done
+        out["k"], out["alpha"] = la.settings.k, la.settings.alpha
+    return out
+
+
+def train(name: str, cb: LookaheadTrainerCallback | None, args: TrainingArguments, resume: str | None = None,
+          evaluate: bool = False) -> tuple[Trainer, dict[str, Any]]:
+    COMM.clear()
+    callbacks: list[TrainerCallback] = [StepCollectives()] + ([cb] if cb is not None else [])
+    trainer = Trainer(model=make_model(), args=args, train_dataset=train_set(), eval_dataset=eval_set(),
+                      callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    result = record(trainer, cb)
+    result["comm"] = copy.deepcopy(COMM)
+    if evaluate:
+        result["eval_loss"] = trainer.evaluate()["eval_loss"]
+        after = record(trainer, cb)
+        result["theta_after_eval"] = after["theta"]
+    return trainer, result
+
+
+def main() -> None:
+    results: dict[str, Any] = {}
+    ds = default_ds()
+    cb = LookaheadTrainerCallback(k=K, alpha=ALPHA)
+    _, results["full"] = train("full", cb, make_args("full", ds=ds, save_strategy="steps", save_steps=SAVE_AT))
+    checkpoint = str(OUT / MODE / "full" / f"checkpoint-{SAVE_AT}")
+    _, results["resume"] = train("resume", LookaheadTrainerCallback(k=K, alpha=ALPHA), make_args("resume", ds=ds),
+                                 resume=checkpoint)
+    _, results["eval"] = train("eval", LookaheadTrainerCallback(k=K, alpha=ALPHA),
+                               make_args("eval", ds=ds, eval_strategy="steps", eval_steps=2), evaluate=True)
+    if MODE.startswith("zero"):
+        _, results["plain"] = train("plain", None, make_args("plain", ds=ds))
+    else:
+        cb = LookaheadTrainerCallback(k=K, alpha=ALPHA)
+        trainer, _ = train("again", cb, make_args("again"))
+        trainer.train()
+        results["again"] = record(trainer, cb)
+    if MODE == "zero2":
+        _, results["section"] = train("section", LookaheadTrainerCallback(log_distance=True),
+                                      make_args("section", ds=ds_config(2, SECTION)))
+        try:
+            Trainer(model=make_model(), args=make_args("conflict", ds=ds_config(2, SECTION)),
+                    train_dataset=train_set(), callbacks=[LookaheadTrainerCallback(k=3)])
+            results["conflict"] = "no error"
+        except LookaheadConfigError as e:
+            results["conflict"] = str(e)
+    torch.save(results, OUT / f"{MODE}_rank{RANK}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Hugging Face Trainer: ``LookaheadTrainerCallback`` in real runs (CPU, gloo), against the plain reference.
+
+tests/dist/hf_cases.py runs each mode in its own launch, one process (``single``) or two (``ddp``, ``zero2``,
+``zero3`` under torchrun); every training there is compared here with tests/dist/hf_common.py's reference, a plain
+loop of the same AdamW and tests/reference.py's Algorithm 1 on the same full batches:
+
+* ``full``: θ and φ equal the reference; ``lookahead/syncs`` and ``lookahead/alpha`` are in the Trainer's logs;
+* ``resume``: a mid-cycle ``resume_from_checkpoint`` ends bit-identical to ``full`` (θ, φ, this rank's shard of φ,
+  the cycle counters);
+* ``eval``: evaluation every 2 steps on the slow weights leaves the trajectory bit-identical, ``trainer.evaluate()``
+  reports the loss at the reference φ (not at θ) and restores θ bit-exactly;
+* ZeRO: the collectives of every training step are the same with and without the callback;
+* ``again`` (one process, DDP): a second ``trainer.train()`` keeps the Lookahead and its state;
+* ``section`` (ZeRO-2): the DeepSpeed config's "lookahead" section is honoured; with callback options too it raises.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.dist.hf_common import ALPHA, SECTION, STEPS, K, eval_loss, reference
+from tests.helpers import run_module, run_torchrun
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+TOL = 1e-6  # float32 rounding of a different summation order (batch split, gradient averaging)
+MODES = {"single": 1, "ddp": 2, "zero2": 2, "zero3": 2}
+_RUNS: dict[str, list[dict[str, Any]]] = {}
+
+
+def _runs(mode: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if mode not in _RUNS:
+        if mode.startswith("zero"):
+            pytest.importorskip("deepspeed")
+        out = tmp_path_factory.mktemp(f"hf_{mode}")
+        args = [str(out), mode]
+        if MODES[mode] == 1:
+            proc = run_module("tests.dist.hf_cases", args, timeout=300)
+        else:
+            proc = run_torchrun("tests.dist.hf_cases", args, nproc=MODES[mode], timeout=300)
+        assert proc.returncode == 0, proc.stdout[-6000:]
+        _RUNS[mode] = [torch.load(Path(out) / f"{mode}_rank{r}.pt", weights_only=False) for r in range(MODES[mode])]
+    return _RUNS[mode]
+
+
+@pytest.fixture(params=list(MODES), scope="module")
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def runs(mode: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _runs(mode, tmp_path_factory)
+
+
+def _max_dev(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b) and a
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+
+
+def _bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+REF = {}
+
+
+def _reference(steps: int = STEPS, k: int = K, alpha: float = ALPHA) -> tuple[list, list]:
+    if (steps, k, alpha) not in REF:
+        REF[steps, k, alpha] = reference(steps, k, alpha)
+    return REF[steps, k, alpha]
+
+
+@pytest.mark.dist
+def test_equals_reference(mode: str, runs: list[dict[str, Any]]) -> None:
+    theta, phi = _reference()
+    start = reference(0)[0]
+    for rank, r in enumerate(runs):
+        full = r["full"]
+        dev_theta, dev_phi = _max_dev(full["theta"], theta), _max_dev(full["phi"], phi)
+        print(f"{mode} rank {rank}: max |θ - θ_ref| = {dev_theta:.3g}, max |φ - φ_ref| = {dev_phi:.3g}")
+        assert dev_theta < TOL and dev_phi < TOL
+        assert _max_dev(full["theta"], start) > 1e-3  # it trained
+        assert _max_dev(full["theta"], full["phi"]) > 1e-4  # two steps into a cycle: θ ≠ φ
+        assert full["syncs_done"] == STEPS // K
+        assert set(full["counts"]) == {STEPS % K}
+        logs = [entry for entry in full["logs"] if "loss" in entry]
+        assert [entry["lookahead/syncs"] for entry in logs] == [float(s // K) for s in range(1, STEPS + 1)]
+        assert all(entry["lookahead/alpha"] == ALPHA for entry in logs)
+
+
+@pytest.mark.dist
+def test_mid_cycle_resume_is_bit_identical(mode: str, runs: list[dict[str, Any]]) -> None:
+    for r in runs:
+        full, resumed = r["full"], r["resume"]
+        assert _bitwise(resumed["theta"], full["theta"])
+        assert _bitwise(resumed["phi"], full["phi"])
+        assert _bitwise(resumed["shard_phi"], full["shard_phi"])  # this rank's φ (its ZeRO partition)
+        assert resumed["counts"] == full["counts"]
+        assert resumed["syncs_done"] == full["syncs_done"]  # carried over in trainer_state.json
+        assert resumed["logs"][-2]["lookahead/syncs"] == full["logs"][-2]["lookahead/syncs"]
+
+
+@pytest.mark.dist
+def test_evaluation_on_slow_weights(mode: str, runs: list[dict[str, Any]]) -> None:
+    theta, phi = _reference()
+    for r in runs:
+        ev = r["eval"]
+        assert _bitwise(ev["theta"], r["full"]["theta"])  # 4 evaluations during training changed nothing
+        assert _bitwise(ev["theta_after_eval"], ev["theta"])  # θ restored bit-exactly after trainer.evaluate()
+        at_phi, at_theta = eval_loss(phi), eval_loss(theta)
+        assert abs(at_phi - at_theta) > 50 * TOL
+        assert math.isclose(ev["eval_loss"], at_phi, rel_tol=0, abs_tol=TOL)
+        evals = [entry for entry in ev["logs"] if "eval_loss" in entry]
+        assert [entry["step"] for entry in evals] == [2, 4, 6, 8, 8]
+
+
+@pytest.mark.dist
+def test_collectives_unchanged_under_zero(mode: str, runs: list[dict[str, Any]]) -> None:
+    if not mode.startswith("zero"):
+        pytest.skip("DDP and one process: Lookahead runs locally on replicated weights")
+    for r in runs:
+        with_la, without = r["full"]["comm"], r["plain"]["comm"]
+        assert len(with_la) == STEPS and all(with_la), "the log must see DeepSpeed's own collectives"
+        assert with_la == without
+
+
+@pytest.mark.dist
+def test_second_train_call_keeps_lookahead(mode: str, runs: list[dict[str, Any]]) -> None:
+    if mode.startswith("zero"):
+        pytest.skip("repeated train() is exercised for one process and DDP")
+    theta, phi = _reference(2 * STEPS)
+    for r in runs:
+        again = r["again"]
+        assert _max_dev(again["theta"], theta) < TOL and _max_dev(again["phi"], phi) < TOL
+        assert again["syncs_done"] == 2 * STEPS // K
+
+
+@pytest.mark.dist
+def test_deepspeed_section_is_honoured_or_conflicts(tmp_path_factory: pytest.TempPathFactory) -> None:
+    runs = _runs("zero2", tmp_path_factory)
+    theta, phi = _reference(STEPS, SECTION["k"], SECTION["alpha"])
+    for r in runs:
+        sec = r["section"]
+        assert (sec["k"], sec["alpha"]) == (SECTION["k"], SECTION["alpha"])
+        assert _max_dev(sec["theta"], theta) < TOL and _max_dev(sec["phi"], phi) < TOL
+        logs = [entry for entry in sec["logs"] if "loss" in entry]
+        assert logs[-1]["lookahead/syncs"] == STEPS // SECTION["k"]
+        assert logs[-1]["lookahead/alpha"] == SECTION["alpha"]
+        # log_distance=True: ‖θ − φ‖ over all shards, 0 right after a sync (step 8 = 4 * k)
+        assert logs[-1]["lookahead/distance"] == 0.0 and logs[-2]["lookahead/distance"] > 0.0
+        assert "lookahead" in r["conflict"] and "['k']" in r["conflict"]
+
+
+# ============================================================== in-process checks (no training)
+def test_options_are_validated_with_names() -> None:
+    from lookahead_dist.core.settings import LookaheadConfigError, LookaheadSettings
+    from lookahead_dist.transformers import LookaheadTrainerCallback
+
+    with pytest.raises(LookaheadConfigError, match="k=0"):
+        LookaheadTrainerCallback(k=0)
+    with pytest.raises(LookaheadConfigError, match="alpha=1.5"):
+        LookaheadTrainerCallback(alpha=1.5)
+    with pytest.raises(ValueError, match="eval_weights='slowest'"):
+        LookaheadTrainerCallback(eval_weights="slowest")
+    with pytest.raises(TypeError, match="not both"):
+        LookaheadTrainerCallback(k=3, settings=LookaheadSettings())
+    cb = LookaheadTrainerCallback(k=3, alpha="adaptive", alpha_bounds=[0.3, 0.9], pullback_keys=["exp_avg"])
+    assert cb.settings == LookaheadSettings(k=3, alpha="adaptive", alpha_bounds=(0.3, 0.9), pullback_keys=("exp_avg",))
+    state = cb.state()  # JSON-ready, and rebuilds the same callback (restore_callback_states_from_checkpoint)
+    assert state["args"]["alpha_bounds"] == [0.3, 0.9]
+    assert LookaheadTrainerCallback(**state["args"]).settings == cb.settings
+    assert LookaheadTrainerCallback().state()["args"] == {"eval_weights": "slow", "log_distance": False,
+                                                          "log_prefix": "lookahead/"}
