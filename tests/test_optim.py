@@ -288,10 +288,13 @@ def test_dcp_state_dict_calls_are_noops() -> None:
         before = params_of(model)
         saved = get_optimizer_state_dict(model, opt)
         assert_bit_equal(params_of(model), before)
-        assert opt.sync_count == 0 and opt.tracked_params() == []
-        assert not any(COUNT_KEY in s or SLOW_KEY in s for s in opt.state.values())
+        # The probe creates Lookahead's keys with the inner state (so a load template has them): φ = θ,
+        # count 0; it never counts as a step.
+        assert opt.sync_count == 0 and len(opt.tracked_params()) == 4
+        for p in [*model.body.parameters(), *model.head.parameters()]:
+            assert torch.equal(opt.state[p][SLOW_KEY], p) and opt.state[p][COUNT_KEY] == 0
         set_optimizer_state_dict(model, opt, saved)
-        assert opt.tracked_params() == []
+        assert all(opt.state[p][COUNT_KEY] == 0 for p in opt.tracked_params())
         get_optimizer_state_dict(ref_model, ref_inner)  # the reference's inner state sees the same probe
         ref = ReferenceLookahead(ref_inner, k, 0.5)
 
@@ -316,19 +319,21 @@ def test_dcp_state_dict_calls_are_noops() -> None:
 
 
 def test_state_probe_detection() -> None:
+    # A genuine first step with lr 0 on zero gradients looks like torch's checkpoint probe from inside
+    # the optimizer; only torch's probe (called from its state initialisation) does not count.
     model = make_model()
     opt = Lookahead(INNERS["sgd"](model.parameters()), k=2)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.param_groups[0]["lr"] = 0.0
-    assert opt._is_state_probe()
+    assert not opt._is_state_probe()  # called directly, not from torch's _init_optim_state
     opt.step()
-    assert opt.tracked_params() == []
-    model.body.weight.grad[0, 0] = 1.0  # a real gradient: not a probe
-    assert not opt._is_state_probe()
-    opt.param_groups[0]["lr"] = 0.1
-    model.body.weight.grad.zero_()
-    assert not opt._is_state_probe()  # real lr with zero grads: a real step
+    assert opt.state[model.body.weight][COUNT_KEY] == 1  # a real step: it counts
+    fresh_model = make_model()
+    fresh = Lookahead(INNERS["sgd"](fresh_model.parameters()), k=2)
+    get_optimizer_state_dict(fresh_model, fresh)  # the probe: creates the keys, does not count
+    assert fresh.param_groups[0]["lr"] == 0.1
+    assert all(fresh.state[p][COUNT_KEY] == 0 for p in fresh.tracked_params()) and fresh.tracked_params()
 
 
 # ---------------------------------------------------------------------------------- step protocol
@@ -697,3 +702,264 @@ def test_overrides_edited_after_construction_are_checked_before_the_step(
     with pytest.raises(ValueError, match=match):
         opt.step()
     assert_bit_equal(params_of(model), before)
+
+
+# ---------------------------------------------------------------------------------- issue #14: DCP keeps φ
+@pytest.mark.parametrize("flatten", [False, True])
+def test_dcp_save_load_into_fresh_optimizer_restores_slow_weights(flatten: bool, tmp_path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    k, stop, total = 3, 4, 11  # save mid-cycle (one step after the first sync)
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    batches = make_batches(total)
+
+    def build() -> tuple[nn.Module, Lookahead]:
+        model = make_model()
+        model.unused.requires_grad_(False)  # a parameter without state would fail torch's strict load
+        return model, Lookahead(INNERS["adamw"]([p for p in model.parameters() if p.requires_grad]), k=k)
+
+    def train(model: nn.Module, opt: Lookahead, part: list) -> None:
+        for batch in part:
+            backward(model, batch)
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, batches[:stop])
+    msd, osd = get_state_dict(model, opt, options=options)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    train(model, opt, batches[stop:])
+    expected = params_of(model)
+
+    fresh_model, fresh_opt = build()
+    msd, osd = get_state_dict(fresh_model, fresh_opt, options=options)  # the template, from the live state
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    set_state_dict(fresh_model, fresh_opt, model_state_dict=msd, optim_state_dict=osd, options=options)
+    assert fresh_opt.state[fresh_model.body.weight][COUNT_KEY] == stop % k
+    assert not torch.equal(fresh_opt.state[fresh_model.body.weight][SLOW_KEY], fresh_model.body.weight)
+    train(fresh_model, fresh_opt, batches[stop:])
+    assert_bit_equal(params_of(fresh_model), expected)
+
+
+# ---------------------------------------------------------------------------------- issue #10: non-finite θ
+def _poison_at(opt: Lookahead, steps: set[int], where: Callable[[], torch.Tensor]) -> list[int]:
+    """After the inner step of each listed step() call, write NaN into where() (before the sync)."""
+    calls = [0]
+
+    def hook(o: object, args: object, kwargs: object) -> None:
+        calls[0] += 1
+        if calls[0] in steps:
+            with torch.no_grad():
+                where().view(-1)[1] = float("nan")
+
+    opt.optimizer.register_step_post_hook(hook)
+    return calls
+
+
+def test_nonfinite_theta_at_a_sync_keeps_phi_and_resets_theta() -> None:
+    k = 3
+    model, ref_model = make_model(), make_model()
+    opt = Lookahead(INNERS["sgd_momentum"](model.parameters()), k=k)
+    ref = ReferenceLookahead(INNERS["sgd_momentum"](ref_model.parameters()), k, 0.5)
+    _poison_at(opt, {3 * k}, lambda: model.body.weight)
+    batches = make_batches(3 * k)
+    for step, batch in enumerate(batches, start=1):
+        backward(model, batch)
+        if step < 3 * k:
+            opt.step()
+            backward(ref_model, batch)
+            ref.step()
+            assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
+            continue
+        phi_before = ref.slow[ref_model.body.weight].clone()  # the reference's φ after the 2nd sync
+        with pytest.warns(RuntimeWarning, match=rf"step {3 * k} .*param group 0 tensor 1 \(shape \(8, 4\)\)"):
+            opt.step()
+        backward(ref_model, batch)
+        ref.step()
+    w = model.body.weight
+    assert torch.equal(opt.state[w][SLOW_KEY], phi_before)  # φ kept
+    assert torch.equal(w.detach(), phi_before)  # θ reset to φ
+    assert opt.state[w][COUNT_KEY] == 0 and opt.sync_count == 3
+    # Every other tensor synced as in the reference.
+    for p, q in [(model.body.bias, ref_model.body.bias), (model.head.weight, ref_model.head.weight)]:
+        assert max_abs_diff([opt.state[p][SLOW_KEY]], [ref.slow[q]]) <= TOL
+        assert max_abs_diff([p], [q]) <= TOL
+
+
+def test_nonfinite_block_of_a_large_tensor_is_kept_and_the_rest_syncs() -> None:
+    from lookahead_dist.core.sync import CHUNK
+
+    n = 3 * CHUNK + 5
+    x = nn.Parameter(torch.randn(n))
+    ref_x = nn.Parameter(x.detach().clone())
+    opt = Lookahead(torch.optim.SGD([x], lr=0.1), k=2)
+    ref = ReferenceLookahead(torch.optim.SGD([ref_x], lr=0.1), 2, 0.5)
+    theta0 = x.detach().clone()
+    _poison_at(opt, {2}, lambda: x)  # element 1: in the first block
+    target = torch.randn(n)
+    for step in range(2):
+        x.grad = x.detach() - target
+        ref_x.grad = ref_x.detach() - target
+        if step == 1:
+            with pytest.warns(RuntimeWarning, match=rf"1 of its 4 blocks of {CHUNK} elements"):
+                opt.step()
+        else:
+            opt.step()
+        ref.step()
+    phi = opt.state[x][SLOW_KEY]
+    # The poisoned block: φ is still φ₀ = θ₀ there; the other blocks synced as in the reference.
+    assert torch.equal(phi[:CHUNK], theta0[:CHUNK])
+    torch.testing.assert_close(phi[CHUNK:], ref.slow[ref_x][CHUNK:], rtol=0, atol=1e-6)
+    assert not torch.equal(phi[CHUNK:], theta0[CHUNK:])
+    assert torch.equal(x.detach(), phi)  # θ reset to φ everywhere
+
+
+def test_nonfinite_raise_changes_nothing() -> None:
+    k = 2
+    model = make_model()
+    opt = Lookahead(INNERS["adam"](model.parameters()), k=k, nonfinite="raise")
+    _poison_at(opt, {k}, lambda: model.head.weight)
+    batches = make_batches(k)
+    backward(model, batches[0])
+    opt.step()
+    backward(model, batches[1])
+    slow = {p: opt.state[p][SLOW_KEY].clone() for p in opt.tracked_params()}
+    counts = {p: opt.state[p][COUNT_KEY] for p in opt.tracked_params()}
+    theta_after_inner: dict[torch.Tensor, torch.Tensor] = {}
+    opt.optimizer.register_step_post_hook(
+        lambda o, a, kw: theta_after_inner.update({p: p.detach().clone() for p in slow})
+    )
+    with pytest.raises(FloatingPointError, match=r"step 2 .*param group 0 tensor 3 \(shape \(2, 8\)\)"):
+        opt.step()
+    for p, phi in slow.items():
+        assert torch.equal(opt.state[p][SLOW_KEY], phi) and opt.state[p][COUNT_KEY] == counts[p]
+        assert torch.allclose(p.detach(), theta_after_inner[p], equal_nan=True)
+    assert opt.sync_count == 0
+
+
+def test_nonfinite_with_adaptive_alpha_is_not_blended_in() -> None:
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.full((3,), 2.0))
+    opt = Lookahead(torch.optim.SGD([a, b], lr=0.1), k=2, alpha="adaptive", alpha_bounds=(0.2, 1.0))
+    # The same run without the poisoned tensor: the α the finite tensor alone gives.
+    b_alone = nn.Parameter(b.detach().clone())
+    alone = Lookahead(torch.optim.SGD([b_alone], lr=0.1), k=2, alpha="adaptive", alpha_bounds=(0.2, 1.0))
+    _poison_at(opt, {2}, lambda: a)
+    for step in range(2):
+        a.grad = torch.full((4,), 0.5)
+        b.grad = torch.tensor([1.0, -2.0, 0.5]) * (step + 1)
+        b_alone.grad = b.grad.clone()
+        if step == 1:
+            with pytest.warns(RuntimeWarning, match="non-finite"):
+                opt.step()
+        else:
+            opt.step()
+        alone.step()
+    assert torch.equal(opt.state[a][SLOW_KEY], torch.ones(4)) and torch.equal(a.detach(), torch.ones(4))
+    assert opt.last_alpha[0] == alone.last_alpha[0]
+    assert torch.equal(opt.state[b][SLOW_KEY], alone.state[b_alone][SLOW_KEY])
+
+
+# ---------------------------------------------------------------------------------- issue #10: what counts
+def test_steps_without_gradients_do_not_count() -> None:
+    k, steps, skipped = 3, 10, {1, 4, 5}
+    batches = make_batches(steps)
+    model, ref_model = make_model(), make_model()
+    opt = Lookahead(INNERS["adam"](model.parameters()), k=k)
+    ref = ReferenceLookahead(INNERS["adam"](ref_model.parameters()), k, 0.5)
+    for step, batch in enumerate(batches):
+        if step in skipped:
+            model.zero_grad(set_to_none=True)  # e.g. Lightning skipping a training_step
+            assert opt.step(closure=lambda: None) is None
+            continue
+        backward(model, batch)
+        opt.step()
+        backward(ref_model, batch)
+        ref.step()
+        assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
+    assert opt.sync_count == (steps - len(skipped)) // k == 2
+    assert opt.state[model.body.weight][COUNT_KEY] == (steps - len(skipped)) % k
+
+
+def test_zero_style_group_by_group_steps_count_one_sync_per_cycle() -> None:
+    # ZeRO-1/2 shows the inner optimizer one param group at a time and steps it once per group.
+    k, steps = 2, 6
+    model, ref_model = make_model(), make_model()
+    opt = Lookahead(INNERS["sgd_momentum"](param_groups(model, "two")), k=k)
+    ref = ReferenceLookahead(INNERS["sgd_momentum"](param_groups(ref_model, "two")), k, 0.5)
+    all_groups = opt.param_groups
+    for batch in make_batches(steps):
+        backward(model, batch)
+        for group in all_groups:
+            opt.param_groups = [group]
+            opt.step()
+        opt.param_groups = all_groups
+        backward(ref_model, batch)
+        ref.step()
+    assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
+    assert opt.sync_count == steps // k == 3
+
+
+# ---------------------------------------------------------------------------------- issue #10: misuse
+def test_second_wrapper_on_the_same_inner_optimizer_is_refused() -> None:
+    model = make_model()
+    inner = INNERS["sgd"](model.parameters())
+    first = Lookahead(inner, k=2)
+    with pytest.raises(ValueError, match="already wrapped by another Lookahead"):
+        Lookahead(inner, k=3)
+    del first
+    import gc
+
+    gc.collect()
+    Lookahead(inner, k=3)  # the first wrapper is gone: wrapping again is fine
+
+
+def test_step_inside_use_slow_weights_is_refused() -> None:
+    model = make_model()
+    opt = Lookahead(INNERS["sgd"](model.parameters()), k=2)
+    backward(model, make_batches(1)[0])
+    opt.step()
+    backward(model, make_batches(1, seed=3)[0])
+    with opt.use_slow_weights(), pytest.raises(RuntimeError, match="inside use_slow_weights"):
+        opt.step()
+    opt.step()  # fine again after the block
+
+
+@pytest.mark.parametrize(
+    ("inner", "keys", "match"),
+    [
+        ("adam", ("step",), r"'step' is a torch.float32 tensor of shape \(\).*\['exp_avg', 'exp_avg_sq'\]"),
+        ("adam", ("exp_avg", "momentum"), r"'momentum' is not in the optimizer state.*\['exp_avg', 'exp_avg_sq'\]"),
+        ("sgd", ("momentum_buffer", "exp_avg"), r"nothing to pull back.*are \[\]"),
+    ],
+)
+def test_pullback_keys_that_are_not_momentum_buffers_are_refused(inner: str, keys: tuple, match: str) -> None:
+    model = make_model()
+    opt = Lookahead(INNERS[inner](model.parameters()), k=2, pullback="pullback", pullback_keys=keys)
+    backward(model, make_batches(1)[0])
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+
+
+def test_load_state_dict_invalidates_the_cached_plan() -> None:
+    k = 3
+    batches = make_batches(8)
+    model = make_model()
+    opt = Lookahead(INNERS["adam"](model.parameters()), k=k)
+    for batch in batches[:2]:
+        backward(model, batch)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    params_at_2 = params_of(model)
+    for batch in batches[2:5]:
+        backward(model, batch)
+        opt.step()
+    # Back to step 2 in the same objects: the next sync must use the loaded φ and counters.
+    opt.load_state_dict(saved)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), params_at_2):
+            p.copy_(v)
+    for batch in batches[2:]:
+        backward(model, batch)
+        opt.step()
+    _, _, ref_model, _ = run_against_reference("adam", k, 0.5, 8)
+    assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL

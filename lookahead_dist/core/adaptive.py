@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from .keys import CURVATURE_KEY, SLOW_KEY
+from .sync import local
 
 __all__ = ["CURVATURE_KEY", "adaptive_alpha", "alpha_from_sums", "line_sums"]
 
@@ -102,11 +103,14 @@ def line_sums(params: Iterable[Tensor], state: Mapping[Tensor, Any], group: Mapp
         slow = st[SLOW_KEY]
         grad = p.grad
         curv, scale = _curvature(p, st, group)
-        acc = per_device.setdefault(p.device, torch.zeros(2, dtype=torch.float64, device=p.device))
-        fast_flat = p.detach().reshape(-1)
-        slow_flat = slow.reshape(-1)
-        grad_flat = grad.detach().reshape(-1) if grad is not None else None
-        curv_flat = curv.detach().reshape(-1) if curv is not None else None
+        dev = local(p).device
+        acc = per_device.setdefault(dev, torch.zeros(2, dtype=torch.float64, device=dev))
+        # Local shards of DTensors (FSDP2): the sums are this process's partial sums, reduced once by
+        # the caller; a reshape of the DTensor itself would redistribute it.
+        fast_flat = local(p.detach()).reshape(-1)
+        slow_flat = local(slow).reshape(-1)
+        grad_flat = local(grad.detach()).reshape(-1) if grad is not None else None
+        curv_flat = local(curv.detach()).reshape(-1) if curv is not None else None
         for start in range(0, fast_flat.numel(), _CHUNK):
             part = slice(start, start + _CHUNK)
             d = slow_flat[part].double() - fast_flat[part].double()

@@ -11,10 +11,43 @@ Everything Lookahead keeps lives in the inner optimizer's per-tensor state (``st
 
 That layout is what lets engines that hand the inner optimizer a *shard* of the weights (DeepSpeed
 ZeRO) hold φ for that shard only and checkpoint it through the inner ``state_dict`` unchanged.
+
+When the keys exist. φ and the counter are inserted right after the inner step that created the
+tensor's inner state (φ = θ before that step), so whenever a tensor has inner state it has Lookahead
+state too. That includes the synthetic step torch.distributed.checkpoint runs on an optimizer with no
+state (lr 0, zero gradients) to build its load template: the keys appear there (φ = θ, count 0) and a
+resume into a fresh optimizer restores them; that step itself never counts.
+
+What counts. A tensor's counter advances only in a step in which it has a gradient (``p.grad`` is not
+None): a step where nothing has a gradient (a skipped Lightning ``training_step``, a closure that
+returns None) updates nothing and does not count. GradScaler skips never reach the inner step.
+
+Non-finite fast weights at a sync (``nonfinite``):
+
+* ``"skip"`` (default): θ is checked while it is synced (the check rides the same pass over memory,
+  see :mod:`lookahead_dist.core.sync`). Where θ holds a NaN or an infinity, φ is kept and **θ is reset
+  to φ**, the counter restarts, and a ``RuntimeWarning`` names the tensor (param group, index, shape,
+  name when the group has ``param_names``) and the step. θ is reset rather than left because a
+  non-finite θ is a dead end (every later step and sync would see it) while φ is the last good point:
+  training continues from there, which is what Lookahead's slow weights are for. The inner optimizer's
+  own state is not touched (if its moments are non-finite too, the next sync warns again; fix the cause:
+  loss scaling, clipping, a lower lr). The decision is per tensor, or per block of ``sync.CHUNK``
+  elements for larger tensors. Momentum pullback is skipped for those tensors; ``pullback="reset"``
+  still clears their inner state (the cycle restarts).
+* ``"raise"``: every tensor due is checked first; a non-finite one raises ``FloatingPointError``
+  before anything of this sync changes (counters, φ, θ).
+* ``alpha="adaptive"``: the non-finite tensors are left out of the line sums as well, so α comes from
+  the finite ones and no NaN is blended in.
+
+Under ZeRO, FSDP and DDP no collective is needed for this: each process owns the partition it steps
+and decides for it alone (under DDP the replicas are identical, so they decide alike).
 """
 
 from __future__ import annotations
 
+import sys
+import warnings
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +68,7 @@ from .keys import (
     slow_key_for,
 )
 from .settings import AlphaSpec, LookaheadSettings, check_alpha, check_k
+from .sync import CHUNK, local, nonfinite_tensors, sync_
 
 __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "slow_key_for"]
 
@@ -49,6 +83,42 @@ _HOOK_DICTS = (
 
 #: Sums a small fp64 tensor across the processes that each hold a shard of the weights, in place.
 ReduceFn = Callable[[Tensor], None]
+
+# Inner optimizer -> its live Lookahead: a second wrapper on the same inner optimizer would share (and
+# double-advance) the counters. Weak on both sides, so a dropped wrapper frees the inner optimizer.
+_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def _claim(optimizer: Optimizer, wrapper: Any) -> None:
+    ref = _OWNERS.get(optimizer)
+    owner = ref() if ref is not None else None
+    if owner is not None and owner is not wrapper:
+        raise ValueError(
+            f"Lookahead: this {type(optimizer).__name__} is already wrapped by another Lookahead "
+            f"(k={owner.k}, alpha={owner.alpha!r}); two wrappers would share and double-advance its cycle "
+            f"counters. Use the existing wrapper (change its k/alpha with `opt.settings = "
+            f"opt.settings.replace(...)`), or build a new inner optimizer."
+        )
+    _OWNERS[optimizer] = weakref.ref(wrapper)
+
+
+def _called_from_state_init() -> bool:
+    """Whether this step() is torch's synthetic optimizer-state initialisation.
+
+    torch.distributed.checkpoint (and FSDP1's optimizer state dicts) create the state of an optimizer
+    that has none by one step with lr 0 on zero gradients, in a function named ``_init_optim_state``.
+    From inside the optimizer that step looks exactly like a genuine first step with lr 0 on zero
+    gradients, which must count; only the caller tells them apart.
+    """
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and "distributed" in code.co_filename:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 class Lookahead(Optimizer):
@@ -120,6 +190,7 @@ class Lookahead(Optimizer):
                 f"Lookahead: reduce_fn={reduce_fn!r} is not callable; pass a function that sums a small tensor "
                 f"across shards in place (e.g. a torch.distributed.all_reduce), or None."
             )
+        _claim(optimizer, self)
         self.settings = settings
         self.reduce_fn = reduce_fn
         self.optimizer = optimizer
@@ -133,8 +204,15 @@ class Lookahead(Optimizer):
 
         # Slow tensors released by pullback="reset", reused at the next cycle's first step.
         self._spare: dict[Tensor, Tensor] = {}
-        #: Number of step() calls in which at least one tensor synced (this process, not persisted).
+        #: Completed cycles: the most syncs any tensor of this process has done (this process, not
+        #: persisted). Counted per tensor, so ZeRO stepping the inner optimizer once per param group or
+        #: sub-group does not count one cycle several times.
         self.sync_count = 0
+        self._syncs_of: dict[Tensor, int] = {}
+        self._steps_taken = 0  # step() calls in this process, for messages
+        self._in_slow_weights = False
+        self._plan: _Plan | None = None
+        self._keys_checked: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ settings
     # Read-only views of the settings; change them with ``opt.settings = opt.settings.replace(k=3)``,
@@ -180,7 +258,7 @@ class Lookahead(Optimizer):
         return {
             k: v
             for k, v in self.__dict__.items()
-            if k not in ("_spare", "step") and not k.startswith("_optimizer_")
+            if k not in ("_spare", "step", "_plan") and not k.startswith("_optimizer_")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -188,6 +266,12 @@ class Lookahead(Optimizer):
         for name in _HOOK_DICTS:
             self.__dict__.setdefault(name, OrderedDict())
         self._spare = {}
+        self._plan = None
+        self.__dict__.setdefault("_syncs_of", {})
+        self.__dict__.setdefault("_steps_taken", 0)
+        self.__dict__.setdefault("_in_slow_weights", False)
+        self.__dict__.setdefault("_keys_checked", None)
+        _claim(self.optimizer, self)
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -205,6 +289,7 @@ class Lookahead(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_group(param_group)
         self.optimizer.add_param_group(param_group)
+        self._plan = None
 
     # state_dict is the inner's: φ and the counters are per-tensor inner state, so every engine path
     # that saves optimizer.state generically (per-rank ZeRO files, NVMe swapping) carries them.
@@ -216,6 +301,8 @@ class Lookahead(Optimizer):
         __import__("lookahead_dist.core.state_check").core.state_check.check_state_dict(self, state_dict)
         self.optimizer.load_state_dict(state_dict)
         self._spare.clear()
+        self._plan = None  # the state dicts (and the tensors in them) are new objects
+        self._keys_checked = None
 
     def register_state_dict_pre_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
         return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
@@ -234,6 +321,12 @@ class Lookahead(Optimizer):
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if self._in_slow_weights:
+            raise RuntimeError(
+                "Lookahead: step() called inside use_slow_weights(): the parameters hold the slow weights "
+                "there and the fast weights are restored on exit, so this update would be thrown away while "
+                "the counters and the inner optimizer's state advance. Step after the `with` block."
+            )
         # The closure (forward/backward under Lightning's non-DeepSpeed strategies) runs first: the
         # gradients it produces decide which tensors step, and φ₀ must be θ before this step.
         loss = None
@@ -244,65 +337,166 @@ class Lookahead(Optimizer):
             self._step()
         return loss
 
-    def _step(self) -> None:
-        inner_state = self.optimizer.state
-        if self._is_state_probe():
-            # torch.distributed.checkpoint initialises optimizer state with a synthetic lr=0 step on
-            # zero grads; let the inner optimizer create its state but do not count it.
-            self.optimizer.step()
-            return
+    def _current_plan(self) -> _Plan:
+        groups = self.optimizer.param_groups
+        plan = self._plan
+        if plan is None or not plan.valid(self.optimizer.state, groups):
+            plan = self._plan = _Plan(self.optimizer.state, groups)
+        return plan
 
+    def _step(self) -> None:
+        self._steps_taken += 1
         groups = self.param_groups
         # Overrides may be edited after construction: check them before anything moves.
         group_k = [g.get(GROUP_K, self.k) for g in groups]
         for group in groups:
             self._check_group(group)
-        # (group index, param, its inner state) of every tensor the inner optimizer is about to step.
-        tracked: list[tuple[int, Tensor, dict[str, Any]]] = []
-        fresh: list[tuple[int, Tensor]] = []
-        for gi, group in enumerate(groups):
-            for p in group["params"]:
-                st = inner_state.get(p)
-                if st is not None and SLOW_KEY in st:
-                    tracked.append((gi, p, st))
-                elif p.grad is not None:
-                    fresh.append((gi, p))
+        plan = self._current_plan()
+        probe = not self.optimizer.state and self._is_state_probe()
         # φ₀ = θ before this step, inserted only after the inner step: torch Adam and DeepSpeedCPUAdam
         # initialise their own state only when a tensor's state is empty.
+        fresh = [(gi, p) for gi, p in plan.fresh if p.grad is not None]
         snapshots = [self._snapshot(p) for _, p in fresh]
 
         self.optimizer.step()
 
-        for (gi, p), snap in zip(fresh, snapshots):
-            st = inner_state[p]
-            st[SLOW_KEY] = snap
-            tracked.append((gi, p, st))
+        inner_state = self.optimizer.state
+        if fresh:
+            for (gi, p), snap in zip(fresh, snapshots):
+                st = inner_state[p]
+                st[SLOW_KEY] = snap
+                st[COUNT_KEY] = 0
+                plan.tracked[gi].append((p, st))
+            plan.fresh = [(gi, p) for gi, p in plan.fresh if p.grad is None]
+        if self.pullback == "pullback" and self._keys_checked != self.pullback_keys:
+            self._check_pullback_keys()
+        if probe:
+            return  # torch's synthetic state initialisation: the keys exist now, nothing counts
+
+        # Per tensor and only with a gradient: a tensor the inner optimizer did not update this step
+        # (no gradient: a skipped training_step, a closure returning None) does not advance its cycle.
+        defer = self.settings.nonfinite == "raise"  # then nothing may change before the check
+        pending: list[tuple[dict[str, Any], int]] = []
         due: dict[int, list[Tensor]] = {}
-        for gi, p, st in tracked:
-            count = st.get(COUNT_KEY, 0) + 1
-            if count >= group_k[gi]:
-                count = 0
-                due.setdefault(gi, []).append(p)
-            st[COUNT_KEY] = count
+        for gi, entries in enumerate(plan.tracked):
+            k = group_k[gi]
+            for p, st in entries:
+                if p.grad is None:
+                    continue
+                count = st.get(COUNT_KEY, 0) + 1
+                if count >= k:
+                    due.setdefault(gi, []).append(p)
+                elif defer:
+                    pending.append((st, count))
+                else:
+                    st[COUNT_KEY] = count
         if due:
+            if defer:
+                self._raise_if_nonfinite(due)
+            for params in due.values():
+                for p in params:
+                    inner_state[p][COUNT_KEY] = 0
             self._sync(due)
+            self._record_syncs(due)
+            if self.pullback == "reset":
+                self._plan = None  # the synced tensors' state was cleared: they start fresh
+        for st, count in pending:
+            st[COUNT_KEY] = count
 
     def _snapshot(self, p: Tensor) -> Tensor:
         spare = self._spare.pop(p, None)
         if spare is not None:
-            return spare.copy_(p)
+            local(spare).copy_(local(p))
+            return spare
         return p.detach().clone(memory_format=torch.preserve_format)
 
     def _is_state_probe(self) -> bool:
-        # torch.distributed.checkpoint probes only an optimizer whose state dict has no entry at all
-        # (after a "reset" sync the entries are empty but present: a real step then).
+        """Whether the coming inner step is torch's synthetic state initialisation (it never counts).
+
+        Only an optimizer without any state entry, with every lr at 0 and every parameter holding a
+        gradient, called from torch's ``_init_optim_state``: a genuine step with lr 0 on zero gradients
+        looks the same from here and counts (after a ``"reset"`` sync the entries are empty but present:
+        a real step then).
+        """
         if self.optimizer.state:
             return False
         lrs = [g["lr"] for g in self.param_groups if "lr" in g]
         if not lrs or any(float(lr) != 0.0 for lr in lrs):
             return False
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return bool(grads) and all(not bool(g.any()) for g in grads)
+        if any(p.grad is None for g in self.param_groups for p in g["params"] if p.requires_grad):
+            return False
+        return _called_from_state_init()
+
+    def _check_pullback_keys(self) -> None:
+        """Refuse ``pullback_keys`` that do not name momentum-like tensors of this optimizer's state.
+
+        Runs once the inner optimizer has created its state (its first step); checked again after
+        ``load_state_dict`` or a settings change.
+        """
+        keys = self.pullback_keys
+        stepped = [(p, st) for p, st in self.optimizer.state.items() if SLOW_KEY in st]
+        if not stepped:
+            return
+        available = sorted(
+            {
+                key
+                for p, st in stepped
+                for key, value in st.items()
+                if isinstance(key, str) and not key.startswith("lookahead_") and _is_buffer_like(value, p)
+            }
+        )
+        hint = f"the momentum-like tensor buffers of this {type(self.optimizer).__name__} are {available}"
+        any_present = False
+        for key in keys:
+            present = [(p, st[key]) for p, st in stepped if key in st]
+            for p, value in present:
+                if key == "step" or not _is_buffer_like(value, p):
+                    what = (
+                        f"a {type(value).__name__}"
+                        if not isinstance(value, Tensor)
+                        else f"a {value.dtype} tensor of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(p.shape)}"
+                    )
+                    raise ValueError(
+                        f"Lookahead: pullback_keys entry {key!r} is {what} in the optimizer state, not a "
+                        f"momentum-like buffer; pulling it back would corrupt it. {hint}; pass those "
+                        f"(e.g. pullback_keys={tuple(available[:1])!r}) or pullback='none'."
+                    )
+            if not present and key not in DEFAULT_PULLBACK_KEYS:
+                raise ValueError(
+                    f"Lookahead: pullback_keys entry {key!r} is not in the optimizer state of any tensor after "
+                    f"its first step, so it would silently not be pulled back; {hint}."
+                )
+            any_present = any_present or bool(present)
+        if not any_present:
+            raise ValueError(
+                f"Lookahead: pullback='pullback' has nothing to pull back: none of pullback_keys={keys!r} is "
+                f"in the optimizer state; {hint}. Name those buffers, or use pullback='none' (an optimizer "
+                f"without momentum has nothing to pull back)."
+            )
+        self._keys_checked = keys
+
+    def _raise_if_nonfinite(self, due: dict[int, list[Tensor]]) -> None:
+        # nonfinite="raise": one extra read of θ for the tensors due, before anything is written.
+        who = [(gi, p) for gi, params in due.items() for p in params]
+        bad = nonfinite_tensors([local(p) for _, p in who])
+        if bad:
+            names = "; ".join(self._describe(*who[i]) for i in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise FloatingPointError(
+                f"Lookahead: step {self._steps_taken} (this process): the fast weights are not finite (NaN/inf) "
+                f"at a sync in {len(bad)} tensor(s): {names}{more}. Nothing of this sync was applied "
+                f"(nonfinite='raise'); use nonfinite='skip' to keep their slow weights and continue, and look "
+                f"for the cause (learning rate, loss scaling, gradient clipping)."
+            )
+
+    def _describe(self, gi: int, p: Tensor) -> str:
+        group = self.param_groups[gi] if gi < len(self.param_groups) else {}
+        params = group.get("params", [])
+        index = next((i for i, q in enumerate(params) if q is p), None)
+        names = group.get("param_names")
+        name = f" {names[index]!r}" if index is not None and isinstance(names, list) and index < len(names) else ""
+        return f"param group {gi} tensor {index}{name} (shape {tuple(p.shape)})"
 
     def _group_alpha(self, gi: int, params: list[Tensor]) -> float:
         spec = self.param_groups[gi].get(GROUP_ALPHA, self.alpha)
@@ -321,30 +515,93 @@ class Lookahead(Optimizer):
 
     def _sync(self, due: dict[int, list[Tensor]]) -> None:
         state = self.optimizer.state
-        buckets: dict[tuple[torch.device, torch.dtype, float], list[Tensor]] = defaultdict(list)
+        # (param group, tensor, blocks kept, blocks) where θ was not finite.
+        kept: list[tuple[int, Tensor, int, int]] = []
+        check = self.settings.nonfinite == "skip"  # "raise" checked everything before this call
+        adaptive = check and any(self.param_groups[gi].get(GROUP_ALPHA, self.alpha) == "adaptive" for gi in due)
+        if adaptive:
+            # The line sums of adaptive α must not see NaN either: decide per whole tensor first.
+            due = dict(due)
+            for gi, params in list(due.items()):
+                bad = set(nonfinite_tensors([local(p) for p in params]))
+                for i in sorted(bad):
+                    p = params[i]
+                    local(p).copy_(local(state[p][SLOW_KEY]))
+                    kept.append((gi, p, 1, 1))
+                due[gi] = [p for i, p in enumerate(params) if i not in bad]
+            check = False
+        buckets: dict[tuple[torch.device, torch.dtype, float], tuple[list[Tensor], list[Tensor], list[int]]] = {}
+        who: list[tuple[int, Tensor]] = []
         for gi, params in due.items():
+            # Even with every tensor of the group skipped: under ZeRO/FSDP adaptive α reduces its sums
+            # across processes, so every process must take part (no finite tensor: the fallback α).
             alpha = self._group_alpha(gi, params)
             # Kept in the group dict: ZeRO-1/2 shows the inner optimizer one group at a time.
             self.param_groups[gi][LAST_ALPHA] = alpha
             for p in params:
-                buckets[(p.device, p.dtype, alpha)].append(p)
-        for (_, _, alpha), fast in buckets.items():
-            slow = [state[p][SLOW_KEY] for p in fast]
-            torch._foreach_lerp_(slow, fast, alpha)  # φ ← φ + α(θ − φ)
-            torch._foreach_copy_(fast, slow)  # θ ← φ
+                fast = local(p)
+                bucket = buckets.get((fast.device, fast.dtype, alpha))
+                if bucket is None:
+                    bucket = buckets[(fast.device, fast.dtype, alpha)] = ([], [], [])
+                bucket[0].append(fast)
+                bucket[1].append(local(state[p][SLOW_KEY]))
+                bucket[2].append(len(who))
+                who.append((gi, p))
+        skipped: set[int] = set()
+        for (_, _, alpha), (fast_list, slow_list, ids) in buckets.items():
+            for i, blocks_kept, blocks in sync_(fast_list, slow_list, alpha, check=check):
+                gi, p = who[ids[i]]
+                kept.append((gi, p, blocks_kept, blocks))
+                skipped.add(ids[i])
             if self.pullback == "pullback":
-                self._pull_back_buffers(fast, alpha)
-            elif self.pullback == "reset":
-                for p in fast:
+                good = [who[j][1] for j in ids if j not in skipped]
+                if good:
+                    self._pull_back_buffers(good, alpha)
+        if self.pullback == "reset":
+            for gi, params in due.items():
+                for p in params:
                     st = state[p]
                     self._spare[p] = st[SLOW_KEY]
                     st.clear()
-        self._count_sync()
+            for gi, p, _, _ in kept:
+                if p not in self._spare:
+                    st = state[p]
+                    self._spare[p] = st[SLOW_KEY]
+                    st.clear()
+        if kept:
+            self._warn_kept(kept)
+
+    def _warn_kept(self, kept: list[tuple[int, Tensor, int, int]]) -> None:
+        parts = []
+        for gi, p, blocks_kept, blocks in kept[:5]:
+            what = self._describe(gi, p)
+            if blocks_kept < blocks:
+                what += f": {blocks_kept} of its {blocks} blocks of {CHUNK} elements"
+            parts.append(what)
+        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+        warnings.warn(
+            f"Lookahead: step {self._steps_taken} (this process): non-finite fast weights (NaN/inf) at a sync in "
+            f"{'; '.join(parts)}{more}. Their slow weights were kept and the fast weights reset to them "
+            f"(nonfinite='skip'); training continues from the slow weights. Use nonfinite='raise' to stop "
+            f"instead, and look for the cause (learning rate, loss scaling, gradient clipping).",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     @torch._disable_dynamo
+    def _record_syncs(self, due: dict[int, list[Tensor]]) -> None:
+        # Under torch.compile, dynamo drops attribute updates on an Optimizer; run this eagerly.
+        syncs = self._syncs_of
+        most = self.sync_count
+        for params in due.values():
+            for p in params:
+                n = syncs.get(p, 0) + 1
+                syncs[p] = n
+                most = max(most, n)
+        self.sync_count = most
+
     def _count_sync(self) -> None:
-        # Under torch.compile, dynamo drops this attribute update on an Optimizer; run it eagerly.
-        self.sync_count += 1
+        """No-op, kept for subclasses' ``_sync``: ``sync_count`` is kept per tensor by ``step()``."""
 
     def _pull_back_buffers(self, fast: list[Tensor], alpha: float) -> None:
         state = self.optimizer.state
@@ -358,17 +615,15 @@ class Lookahead(Optimizer):
                 if not isinstance(buf, Tensor):
                     continue
                 if slow_name in state[p]:
-                    have_slow.append(state[p][slow_name])
-                    live.append(buf)
+                    have_slow.append(local(state[p][slow_name]))
+                    live.append(local(buf))
                 else:
                     first.append((p, buf))
             if live:
-                torch._foreach_lerp_(have_slow, live, alpha)
-                torch._foreach_copy_(live, have_slow)
+                sync_(live, have_slow, alpha, check=False)
             if first:
                 # The momentum at φ₀ is zero: m ← 0 + α(m − 0); its slow copy must not alias m.
-                bufs = [b for _, b in first]
-                torch._foreach_mul_(bufs, alpha)
+                torch._foreach_mul_([local(b) for _, b in first], alpha)
                 for p, buf in first:
                     state[p][slow_name] = buf.clone()
 
@@ -388,29 +643,89 @@ class Lookahead(Optimizer):
 
     @contextmanager
     def use_slow_weights(self) -> Iterator[None]:
-        """Put φ into the parameters for the body (e.g. evaluation); restore θ bit-exactly on exit."""
+        """Put φ into the parameters for the body (e.g. evaluation); restore θ bit-exactly on exit.
+
+        A local swap: under FSDP2 each process copies its own shard (no gather). ``step()`` inside the
+        body is refused (the update would be lost when θ is restored).
+        """
         params = self.tracked_params()
         if not params:
             yield
             return
+        state = self.optimizer.state
         with torch.no_grad():
-            fast_backup = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, [self.optimizer.state[p][SLOW_KEY] for p in params])
+            fast_backup = [local(p).clone() for p in params]
+            torch._foreach_copy_([local(p) for p in params], [local(state[p][SLOW_KEY]) for p in params])
+        outer = self._in_slow_weights
+        self._in_slow_weights = True
         try:
             yield
         finally:
+            self._in_slow_weights = outer
             with torch.no_grad():
-                torch._foreach_copy_(params, fast_backup)
+                torch._foreach_copy_([local(p) for p in params], fast_backup)
 
     def fast_slow_distance_sq(self) -> Tensor:
-        """Σ‖θ − φ‖² over the tensors this process steps, fp64 on CPU.
+        """Σ‖θ − φ‖² over the tensors this process steps, a plain fp64 CPU scalar.
 
-        Under ZeRO this is the partial sum over this rank's shard; the caller reduces it.
+        Under ZeRO and FSDP this is the partial sum over this process's shards (computed on the local
+        tensors, no collective); the caller reduces it once.
         """
         params = self.tracked_params()
         if not params:
             return torch.zeros((), dtype=torch.float64)
+        state = self.optimizer.state
+        per_device: dict[torch.device, Tensor] = {}
         with torch.no_grad():
-            diffs = torch._foreach_sub(params, [self.optimizer.state[p][SLOW_KEY] for p in params])
-            squares = [torch.linalg.vector_norm(d, dtype=torch.float64).square().cpu() for d in diffs]
-            return torch.stack(squares).sum()
+            fast = [local(p) for p in params]
+            diffs = torch._foreach_sub(fast, [local(state[p][SLOW_KEY]) for p in params])
+            for d in diffs:
+                sq = torch.linalg.vector_norm(d, dtype=torch.float64).square()
+                acc = per_device.get(d.device)
+                per_device[d.device] = sq if acc is None else acc + sq
+        total = torch.zeros((), dtype=torch.float64)
+        for acc in per_device.values():
+            total += acc.cpu()
+        return total
+
+
+class _Plan:
+    """What a step needs, cached across steps while the param groups and the state dict are the same.
+
+    Holds the group dicts and their ``params`` lists themselves (so their ids cannot be reused while
+    cached) and, per group, ``(tensor, its state dict)`` for the tensors that have slow weights. It is
+    rebuilt when the inner optimizer's ``state`` object, a group, a ``params`` list or its length
+    changes (``load_state_dict``, ``add_param_group``, ZeRO swapping the groups it shows), and after a
+    ``"reset"`` sync.
+    """
+
+    __slots__ = ("fresh", "groups", "lens", "lists", "state", "tracked")
+
+    def __init__(self, state: Any, groups: list[dict[str, Any]]) -> None:
+        self.state = state
+        self.groups = list(groups)
+        self.lists = [g["params"] for g in groups]
+        self.lens = [len(params) for params in self.lists]
+        self.tracked: list[list[tuple[Tensor, dict[str, Any]]]] = []
+        self.fresh: list[tuple[int, Tensor]] = []  # no slow weights yet
+        for gi, params in enumerate(self.lists):
+            entries = []
+            for p in params:
+                st = state.get(p)
+                if st is not None and SLOW_KEY in st:
+                    entries.append((p, st))
+                else:
+                    self.fresh.append((gi, p))
+            self.tracked.append(entries)
+
+    def valid(self, state: Any, groups: list[dict[str, Any]]) -> bool:
+        if state is not self.state or len(groups) != len(self.groups):
+            return False
+        for group, cached, params, n in zip(groups, self.groups, self.lists, self.lens):
+            if group is not cached or group["params"] is not params or len(params) != n:
+                return False
+        return True
+
+
+def _is_buffer_like(value: Any, p: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(p.shape)
