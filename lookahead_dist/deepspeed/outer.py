@@ -285,7 +285,7 @@ class OuterLookahead(Lookahead):
                     bufs.append(st[OUTER_MOMENTUM_KEY])
                 torch._foreach_mul_(bufs, beta)
                 torch._foreach_add_(bufs, steps)  # m ← β·m + mean(θ − φ)
-                steps = torch._foreach_add(steps, bufs, alpha=beta) if self.outer.nesterov else bufs
+                steps = list(torch._foreach_add(steps, bufs, alpha=beta)) if self.outer.nesterov else bufs
             torch._foreach_add_(phis, steps, alpha=lr)  # φ ← φ + lr·step
         if fast:
             torch._foreach_copy_(fast, slow)  # θ ← φ

@@ -67,7 +67,22 @@ class LookaheadDeepSpeedStrategy(DeepSpeedStrategy):
     would be dropped silently. This class hides it from ``deepspeed.initialize`` and installs Lookahead on
     the engine from it (:func:`lookahead_dist.deepspeed.install`). Everything else is the stock strategy;
     ``LookaheadCallback`` with a section-free config is the other way to get the same training.
+
+    ``outer`` (a mapping of :class:`~lookahead_dist.core.settings.OuterSettings` fields, e.g.
+    ``{"scope": "nodes", "momentum": 0.9, "nesterov": True}``) sets or replaces the section's ``"outer"``
+    object. With ``scope: "nodes"`` every node becomes its own data-parallel group and the nodes meet only
+    at the sync (:mod:`lookahead_dist.deepspeed.outer`); the groups are built here, before
+    ``deepspeed.initialize``, which is why this is a strategy option and not a callback's.
     """
+
+    def __init__(self, *args: Any, outer: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        from ..core.settings import OuterSettings
+
+        # Validated now, so a bad value fails when the Trainer is built, not after the processes start.
+        self.lookahead_outer = None if outer is None else dict(outer)
+        if outer is not None:
+            OuterSettings.from_mapping(self.lookahead_outer, where="LookaheadDeepSpeedStrategy(outer=...)")
+        super().__init__(*args, **kwargs)
 
     @override
     def _load_config(self, config: Any) -> dict[str, Any] | None:
@@ -97,15 +112,50 @@ class LookaheadDeepSpeedStrategy(DeepSpeedStrategy):
 
             check_top_level(self.config)
         section = self.config.pop(CONFIG_KEY, None) if isinstance(self.config, dict) else None
+        if self.lookahead_outer is not None:
+            if section is None:
+                from ..core.settings import LookaheadConfigError
+
+                raise LookaheadConfigError(
+                    'LookaheadDeepSpeedStrategy(outer=...) needs a "lookahead" section in the DeepSpeed config '
+                    '(e.g. "lookahead": {"k": 50, "alpha": 0.7}); the outer step applies to its slow weights.'
+                )
+            section = {**section, "outer": dict(self.lookahead_outer)}
+        from ..deepspeed import install, settings_from_section
+
+        settings = None if section is None else settings_from_section(section)
         try:
-            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            if settings is not None and settings.outer.scope == "nodes":
+                engine, ds_optimizer = self._setup_nodes_engine(model, optimizer, lr_scheduler, settings)
+            else:
+                engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         finally:
             if section is not None and isinstance(self.config, dict):
                 self.config[CONFIG_KEY] = section
-        if section is not None and engine.optimizer is not None:
-            from ..deepspeed import install, settings_from_section
+        if settings is not None and engine.optimizer is not None:
+            install(engine, settings=settings)
+        return engine, ds_optimizer
 
-            install(engine, settings=settings_from_section(section))
+    def _setup_nodes_engine(self, model: Any, optimizer: Any, lr_scheduler: Any, settings: Any) -> tuple[Any, Any]:
+        # The stock strategy's deepspeed.initialize call plus mpu=: the node-local data-parallel groups
+        # (and one identical start on every node) must exist before the engine does.
+        import argparse
+
+        import deepspeed
+
+        from ..deepspeed.outer import prepare_nodes
+
+        arguments: dict[str, Any] = {
+            "args": argparse.Namespace(device_rank=self.root_device.index),
+            "config": self.config,
+            "model": model,
+            "model_parameters": filter(lambda p: p.requires_grad, model.parameters()),
+            "optimizer": optimizer,
+            "lr_scheduler": lr_scheduler,
+            "dist_init_required": False,
+        }
+        prepare_nodes(arguments, settings)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(**arguments)
         return engine, ds_optimizer
 
 
