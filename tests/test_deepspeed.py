@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,6 +39,7 @@ from tests.dist.ds_common import (
     make_optimizer,
     param_groups,
 )
+from tests.helpers import run_torchrun
 from tests.reference import ReferenceLookahead
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,19 +141,9 @@ def test_unknown_wrapper_is_refused() -> None:
 
 
 # ============================================================== 2-process runs
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, phase: str, names: list[str]) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-           str(_free_port()), str(REPO / "tests" / "dist" / "ds_cases.py"), str(out), phase, ",".join(names)]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = run_torchrun("tests.dist.ds_cases", [str(out), phase, ",".join(names)], nproc=WORLD, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:]
     return [json.loads((out / f"{phase}_rank{r}.json").read_text()) for r in range(WORLD)]
 
 

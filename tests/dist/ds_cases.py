@@ -1,8 +1,11 @@
 """Launched by tests/test_deepspeed.py with ``torchrun --nproc_per_node 2``: runs many DeepSpeed cases in one
 process group and writes one JSON per rank.
 
-    ds_cases.py OUT_DIR train  CASE[,CASE...]   # with and without Lookahead; saves a mid-cycle checkpoint
-    ds_cases.py OUT_DIR resume CASE[,CASE...]   # fresh processes: load that checkpoint, continue
+    torchrun --nproc_per_node 2 -m tests.dist.ds_cases OUT_DIR train  CASE[,CASE...]
+    torchrun --nproc_per_node 2 -m tests.dist.ds_cases OUT_DIR resume CASE[,CASE...]
+
+(from the repository root). ``train`` runs each case with and without Lookahead and saves a mid-cycle
+checkpoint; ``resume``, in fresh processes, loads that checkpoint and continues.
 
 Per case and run it records, per step: every collective (op, element count) issued inside the engine's
 forward/backward/step, the full fp32 master weights, and this rank's φ flats with their layout.
@@ -17,55 +20,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
 import torch
 import torch.distributed as tdist
 
-# ---------------------------------------------------------------- collective counting (before DeepSpeed)
-COMM_LOG: list[tuple[str, int]] = []
-COUNTING = [False]
-_OPS = [
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter", "broadcast",
-    "reduce", "all_to_all_single", "all_to_all", "all_reduce_coalesced", "all_gather_object", "gather", "scatter",
-    "broadcast_object_list", "barrier", "_all_gather_base", "_reduce_scatter_base", "send", "recv", "isend",
-    "irecv", "batch_isend_irecv", "all_gather_coalesced",
-]
+from tests.helpers import CollectiveLog
 
-
-def _numel(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel()
-    if isinstance(x, (list, tuple)):
-        return sum(_numel(v) for v in x)
-    return 0
-
-
-def _wrap(module: Any, name: str, prefix: str) -> None:
-    fn = getattr(module, name, None)
-    if fn is None or getattr(fn, "_counted", False):
-        return
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        if COUNTING[0]:
-            COMM_LOG.append((prefix + name, _numel(list(args) + list(kwargs.values()))))
-        return fn(*args, **kwargs)
-
-    counted._counted = True  # type: ignore[attr-defined]
-    setattr(module, name, counted)
-
-
-for _op in _OPS:
-    _wrap(tdist, _op, "torch.")
-    _wrap(tdist.distributed_c10d, _op, "c10d.")
+# ---------------------------------------------------------------- collective counting (before DeepSpeed,
+# which keeps references to the torch.distributed functions it calls)
+COMM = CollectiveLog()
+COMM.install(tdist, prefix="torch.")
+COMM.install(tdist.distributed_c10d, prefix="c10d.")
 
 import deepspeed
 import deepspeed.comm as dscomm
 from deepspeed.utils import safe_get_full_fp32_param
 
-for _op in _OPS:
-    _wrap(dscomm, _op, "ds.")
+COMM.install(dscomm, prefix="ds.")
 
 import lookahead_dist.deepspeed as lads
 from lookahead_dist.core.optim import COUNT_KEY, SLOW_KEY
@@ -101,13 +73,7 @@ def build(case: dict, with_lookahead: bool) -> tuple[Any, Any]:
 
 
 def counted(fn: Any) -> list[tuple[str, int]]:
-    COMM_LOG.clear()
-    COUNTING[0] = True
-    try:
-        fn()
-    finally:
-        COUNTING[0] = False
-    return list(COMM_LOG)
+    return COMM.record(fn)
 
 
 def _unfused_masters(engine: Any) -> dict[Any, Any]:
