@@ -92,22 +92,24 @@ def child_env(
 
 # ------------------------------------------------------------------ launching
 def torchrun_cmd(
-    module: str,
+    target: str,
     args: Sequence[str] = (),
     nproc: int = 2,
     port: int | None = None,
     nnodes: int = 1,
     node_rank: int = 0,
+    module: bool = True,
 ) -> list[str]:
-    """``python -m torch.distributed.run ... -m <module> <args>`` on 127.0.0.1.
+    """``python -m torch.distributed.run ... -m <target> <args>`` on 127.0.0.1.
 
-    Give the same ``port`` to each node's command when ``nnodes > 1``.
+    ``target`` is a module name (``tests.dist.ds_cases``), or with ``module=False`` a script path. Give the same
+    ``port`` to each node's command when ``nnodes > 1``.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     if nnodes > 1:
         cmd += ["--nnodes", str(nnodes), "--node_rank", str(node_rank)]
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(port if port is not None else free_port())]
-    return [*cmd, "-m", module, *map(str, args)]
+    return [*cmd, *(["-m"] if module else []), target, *map(str, args)]
 
 
 def module_cmd(module: str, args: Sequence[str] = ()) -> list[str]:
