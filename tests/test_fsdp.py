@@ -1,0 +1,278 @@
+"""Lookahead under FSDP on 2 CPU processes (gloo), against the single-process reference (tests/reference.py).
+
+* FSDP2 ``fully_shard`` (tests/dist/fsdp2_cases.py): trajectory, φ's placement and size, collectives inside
+  ``opt.step()`` and over whole steps with and without Lookahead, the local distance and slow-weight swap,
+  mid-cycle torch.distributed.checkpoint resumes in both optimizer-state layouts, bf16 mixed precision.
+* Lightning (tests/dist/fsdp_pl.py): LookaheadCallback under ModelParallelStrategy (FSDP2) and
+  CPUFSDPStrategy (FSDP1), validation on slow weights, resumes from sharded and full checkpoints.
+* Consolidated slow weights from DCP folders (torch's recipe and Lightning's), through the function and the
+  ``python -m lookahead_dist.checkpoint slow-weights-dcp`` command.
+* The examples' FSDP configs on 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from tests.dist.fsdp_common import K, make_net, reference_run
+from tests.reference import max_abs_diff
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TOL = 1e-6  # reduce-scattered gradients vs. one full-batch gradient: float rounding only
+STEPS, PER_RANK, WORLD = 8, 4, 2
+P = sum(p.numel() for p in make_net().parameters())  # 265 parameters
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
+
+
+def _launch(script: str, tmp: Path, timeout: float = 300) -> dict[str, Any]:
+    out = tmp / "results.json"
+    cmd = TORCHRUN + [
+        "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(ROOT / "tests" / "dist" / script), "--out", str(out), "--tmp", str(tmp),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.exists(), f"{script} wrote no results:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    results = json.loads(out.read_text())
+    for case, result in results.items():
+        assert "error" not in result, f"{case}: {result['error']}\n{result.get('trace', '')}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    return _launch("fsdp2_cases.py", tmp), tmp
+
+
+@pytest.fixture(scope="module")
+def lightning(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    pytest.importorskip("lightning")
+    tmp = tmp_path_factory.mktemp("fsdp_pl")
+    return _launch("fsdp_pl.py", tmp), tmp
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+@pytest.mark.dist
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_fsdp2_trajectory_matches_reference(fsdp2: tuple, opt: str) -> None:
+    res = fsdp2[0][opt]
+    assert res["theta"] < TOL and res["phi"] < TOL, res
+    assert res["no_lookahead_gap"] > 1e3 * TOL  # the same run without Lookahead is far off
+    assert res["sync_count"] == STEPS // K
+    assert res["counts"] == [STEPS % K]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["adamw", "sgd", "mp"])
+def test_fsdp2_slow_weights_have_the_parameter_placement(fsdp2: tuple, case: str) -> None:
+    ranks = fsdp2[0][case]["placements"]
+    assert all(r["same_placement"] and r["P"] == P for r in ranks)
+    # Linear(6, 33): rows split 17/16; Linear(33, 1): one row, so rank 1's shard is empty.
+    shapes = [{name: shape for name, _, shape in r["shards"]} for r in ranks]
+    assert shapes[0]["0.weight"] == [17, 6] and shapes[1]["0.weight"] == [16, 6]
+    assert shapes[0]["2.weight"] == [1, 33] and shapes[1]["2.weight"] == [0, 33]
+    assert all(placement == "(Shard(dim=0),)" for r in ranks for _, placement, _ in r["shards"])
+    phi_bytes = [r["phi_bytes"] for r in ranks]
+    assert sum(phi_bytes) == 4 * P  # fp32, each element on exactly one rank
+    assert max(phi_bytes) <= 4 * P / WORLD * 1.2  # ≈ 4·P/N per rank (612 and 448 bytes vs 530)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_fsdp2_no_extra_collectives(fsdp2: tuple, opt: str) -> None:
+    res = fsdp2[0][opt]
+    # Inside opt.step(): none, with Lookahead (two of the eight steps sync) and without.
+    assert res["in_step"] == res["base_in_step"] == [[[]] * STEPS] * WORLD
+    # Whole steps: FSDP's own all-gathers and reduce-scatters, the same list with and without Lookahead.
+    assert res["whole"] == res["base_whole"]
+    per_step = res["whole"][0][0]
+    assert len(per_step) == 6 and {name for name, _ in per_step} == {"_allgather_base_", "_reduce_scatter_base_"}
+    assert res["gather_comms"]  # the counter does see DTensor's (functional) collectives
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_fsdp2_distance_and_slow_weight_swap_are_local(fsdp2: tuple, opt: str) -> None:
+    res = fsdp2[0][opt]
+    assert res["distance_partial_is_dtensor"] is False
+    assert res["distance_comms"] == [[], []]
+    assert res["distance"] < TOL and res["ref_distance"] > 0.1
+    assert res["swap_comms"] == [[], []] and res["swap_still_dtensor"]
+    assert res["swap_inside_vs_phi"] == 0.0 and res["swap_restore"] == 0.0
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_fsdp2_dcp_resume_mid_cycle_is_bit_identical(fsdp2: tuple, layout: str) -> None:
+    res = fsdp2[0]["dcp"][layout]
+    assert res["counts_saved"] == [1, 1, 1, 1]  # saved one step into a cycle
+    assert res["counts_loaded"] == res["counts_saved"]
+    assert res["probe_syncs"] == 0  # DCP's synthetic step on the fresh optimizer did not count
+    assert res["phi_dtensor_after_load"]
+    assert res["loaded_vs_saved"] == 0.0
+    assert res["resume"] == 0.0
+    assert res["syncs_after_resume"] == 1
+
+
+@pytest.mark.dist
+def test_fsdp2_bf16_params_keep_fp32_sharded_slow_weights(fsdp2: tuple) -> None:
+    res = fsdp2[0]["mp"]
+    assert res["params_fp32"]  # MixedPrecisionPolicy casts for compute only; the sharded params stay fp32
+    assert res["params_vs_phi"] == 0.0  # the last step synced: sharded fp32 params are φ exactly
+    assert res["sync_count"] == 2
+    assert res["in_step"] == [[[]] * 6] * WORLD
+    # bf16 compute: the trajectory is the fp32 reference's up to rounding, small next to how far it moved.
+    assert res["phi_vs_ref"] < 0.05 * res["moved"]
+
+
+@pytest.mark.dist
+def test_fsdp2_wrap_refuses_partly_sharded_models(fsdp2: tuple) -> None:
+    message = fsdp2[0]["refuse"]["error_message"]
+    assert message and "fully_shard to the root module" in message
+
+
+@pytest.mark.dist
+def test_consolidated_slow_weights_from_torch_dcp(fsdp2: tuple, tmp_path: Path) -> None:
+    from lookahead_dist.fsdp.checkpoint import consolidated_slow_state_dict
+
+    folder = fsdp2[1] / f"dcp_nested_step{STEPS}"
+    ref_theta, ref_phi = reference_run(STEPS, PER_RANK * WORLD, "adamw")
+    names = list(make_net().state_dict())
+    state = consolidated_slow_state_dict(folder)
+    assert list(state) == names
+    assert max_abs_diff([state[n] for n in names], ref_phi) < TOL
+    assert max_abs_diff(ref_theta, ref_phi) > 1e3 * TOL  # φ ≠ θ at step 8, so the check can tell them apart
+    # The command writes the same tensors.
+    out = tmp_path / "slow.safetensors"
+    cmd = [sys.executable, "-m", "lookahead_dist.checkpoint", "slow-weights-dcp", str(folder), str(out)]
+    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from safetensors.torch import load_file
+
+    written = load_file(str(out))
+    assert all(torch.equal(written[n], state[n]) for n in names)
+    net = make_net()
+    net.load_state_dict(written)  # strict: every key of the plain model, nothing else
+
+
+def test_consolidation_errors_name_the_problem(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from lookahead_dist.fsdp.checkpoint import consolidated_slow_state_dict
+
+    with pytest.raises(FileNotFoundError, match="not a torch.distributed.checkpoint folder"):
+        consolidated_slow_state_dict(tmp_path)
+    plain = tmp_path / "plain"
+    dcp.save({"model": make_net().state_dict()}, checkpoint_id=str(plain), no_dist=True)
+    with pytest.raises(ValueError, match="holds no slow weights"):
+        consolidated_slow_state_dict(plain)
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["fsdp2", "fsdp1"])
+def test_lightning_callback_under_fsdp(lightning: tuple, case: str) -> None:
+    res = lightning[0][case]
+    assert res["strategy"] == {"fsdp2": "ModelParallelStrategy", "fsdp1": "CPUFSDPStrategy"}[case]
+    assert res["theta"] < TOL and res["phi"] < TOL, res
+    assert res["syncs_done"] == STEPS // K
+    assert res["val_count"] == 2 and res["val"] < 1e-5  # validation on φ at steps 4 and 8
+    assert res["distance"] < TOL
+    phi_bytes = res["phi_bytes_per_rank"]
+    assert sum(phi_bytes) == 4 * res["P"] and max(phi_bytes) < 4 * res["P"]  # sharded, every element once
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["fsdp2", "fsdp1"])
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_lightning_fsdp_resume_mid_cycle_is_bit_identical(lightning: tuple, case: str, kind: str) -> None:
+    res = lightning[0][case]
+    assert res[f"resume_{kind}_is_dir"] is (kind == "sharded")
+    assert res[f"resume_{kind}"] == 0.0
+    assert res[f"resume_{kind}_syncs"] == STEPS // K
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["fsdp2", "fsdp1"])
+def test_consolidated_slow_weights_from_lightning_checkpoint(lightning: tuple, case: str) -> None:
+    from lookahead_dist.fsdp.checkpoint import consolidated_slow_state_dict
+
+    state = consolidated_slow_state_dict(lightning[1] / f"{case}_final.ckpt")
+    _, ref_phi = reference_run(STEPS, PER_RANK * WORLD, "adamw")
+    names = [f"net.{n}" for n in make_net().state_dict()]
+    assert sorted(state) == sorted(names)
+    assert max_abs_diff([state[n] for n in names], ref_phi) < TOL
+
+
+def test_callback_refuses_fsdp1_flat_parameters() -> None:
+    pytest.importorskip("lightning")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lookahead_dist import LookaheadCallback
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False))
+    with pytest.raises(ValueError, match="use_orig_params=True"):
+        LookaheadCallback().setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ examples
+@pytest.mark.dist
+@pytest.mark.slow
+def test_examples_run_with_the_fsdp_configs(tmp_path: Path) -> None:
+    """configs/{lm,nmt}_fsdp.yaml + the Lookahead config on 2 processes; then the slow weights of the LM's
+    sharded checkpoint load into the plain example model."""
+    from examples.common.runs import read_metrics, run_env
+
+    small = {
+        "lm": ["--data.batch_size=8", "--data.max_val_blocks=16", "--data.vocab_size=1024", "--data.seq_len=64"],
+        "nmt": ["--data.batch_size=16", "--data.max_train_pairs=2000", "--data.max_eval_pairs=32",
+                "--data.vocab_size=1000", "--data.max_len=24", "--model.num_beams=2", "--model.bleu_batches=1"],
+    }  # fmt: skip
+    steps = 10
+    for task in ("lm", "nmt"):
+        root = tmp_path / task
+        cmd = [
+            *TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", f"examples.{task}.cli", "fit", "--config", f"configs/{task}_fsdp.yaml",
+            "--config", f"configs/{task}_lookahead.yaml", *small[task], f"--trainer.default_root_dir={root}",
+            f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=5",
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, check=False, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        metrics = read_metrics(root)
+        syncs = [(row["step"], row["lookahead/syncs"]) for row in metrics if "lookahead/syncs" in row]
+        assert syncs and all(count == (step + 1) // 5 for step, count in syncs), syncs  # k=5 in the config
+        val = [row["val_loss"] for row in metrics if "val_loss" in row]
+        assert val and all(math.isfinite(v) for v in val)
+        assert (root / "logs" / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # a sharded DCP folder
+    from examples.lm.model import CausalLMModule
+    from lookahead_dist.fsdp.checkpoint import consolidated_slow_state_dict
+
+    state = consolidated_slow_state_dict(tmp_path / "lm" / "logs" / "checkpoints" / "last.ckpt")
+    hparams = (tmp_path / "lm" / "logs" / "config.yaml").read_text()
+    assert "CPUFSDPStrategy" in hparams
+    module = CausalLMModule(vocab_size=1024, seq_len=64)
+    module.load_state_dict(state)  # strict: the slow weights cover the whole module
