@@ -302,3 +302,50 @@ def _keys(obj: Any) -> list[str]:
     if isinstance(obj, (list, tuple)):
         return [x for v in obj for x in _keys(v)]
     return []
+
+
+# ============================================================== config files, refusals (no processes)
+NODE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "nodes").glob("*_nodes.json"))
+
+
+def test_node_config_files_ask_for_the_nodes_scope() -> None:
+    pytest.importorskip("deepspeed")
+    from lookahead_dist.deepspeed import split_config
+    from lookahead_dist.deepspeed.outer import check_ds_config
+
+    assert {p.name for p in NODE_CONFIGS} >= {"zero1_nodes.json", "zero2_nodes.json", "zero3_nodes.json"}
+    for path in NODE_CONFIGS:
+        ds_config, kwargs = split_config(path)
+        assert kwargs is not None and LookaheadSettings(**kwargs).outer.scope == "nodes", path.name
+        check_ds_config(ds_config)  # ZeRO-3 ones already have stage3_param_persistence_threshold 0
+
+
+def test_ds_config_checks() -> None:
+    from lookahead_dist.deepspeed.outer import check_ds_config
+
+    zero3: dict[str, Any] = {"zero_optimization": {"stage": 3}}
+    check_ds_config(zero3)
+    assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    with pytest.raises(LookaheadConfigError, match="stage3_param_persistence_threshold=0, got 100"):
+        check_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}})
+    with pytest.raises(LookaheadConfigError, match="does not support fp16"):
+        check_ds_config({"fp16": {"enabled": True}})
+
+
+def test_install_without_node_groups_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from lookahead_dist.deepspeed.outer import check_engine
+
+    with pytest.raises(LookaheadConfigError, match=r"lookahead_dist\.deepspeed\.initialize"):
+        check_engine(SimpleNamespace(mpu=None))
+
+
+def test_strategy_outer_option_is_validated_early() -> None:
+    pytest.importorskip("lightning")
+    from lookahead_dist.lightning import CPUDeepSpeedStrategy
+
+    strategy = CPUDeepSpeedStrategy(config="nodes/zero1_nodes", outer={"scope": "nodes", "momentum": 0.5})
+    assert strategy.lookahead_outer == {"scope": "nodes", "momentum": 0.5}
+    with pytest.raises(LookaheadConfigError, match=r"outer=\.\.\.\)\.scop \(did you mean 'scope'\?\)"):
+        CPUDeepSpeedStrategy(config="zero2", outer={"scop": "nodes"})
