@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
     SingleDeviceStrategy,
     SingleDeviceXLAStrategy,
     XLAStrategy,
@@ -36,7 +38,12 @@ from lookahead_dist.core.settings import LookaheadSettings
 
 __all__ = ["LookaheadCallback"]
 
-SUPPORTED = "single device, DDP (ddp, ddp_spawn, ddp_fork, multi-node) and DeepSpeed (ZeRO 0-3, incl. CPUDeepSpeedStrategy)"
+SUPPORTED = (
+    "single device, DDP (ddp, ddp_spawn, ddp_fork, multi-node), DeepSpeed (ZeRO 0-3, incl. CPUDeepSpeedStrategy), "
+    "ModelParallelStrategy (FSDP2) and FSDPStrategy (use_orig_params=True, incl. CPUFSDPStrategy)"
+)
+#: Strategies whose optimizer steps this rank's shard of each parameter (φ is sharded the same way).
+_SHARDED = (FSDPStrategy, ModelParallelStrategy)
 
 
 class LookaheadCallback(Callback):
@@ -59,7 +66,10 @@ class LookaheadCallback(Callback):
 
     Strategies: single device, DDP (all launchers, several nodes), DeepSpeed ZeRO 0-3 (the engine's inner
     optimizer is wrapped, so φ is sharded like the fp32 master weights and the sync adds no collective).
-    Anything else (FSDP, ModelParallel, XLA) raises an error in ``setup``.
+    ModelParallelStrategy (FSDP2 applied in ``configure_model``; φ is a DTensor shard like the parameter) and
+    FSDPStrategy (FSDP1 with ``use_orig_params=True``; φ is this rank's slice of each parameter): the sync and
+    the slow-weight swap work on the local shards, no collective. Anything else (XLA, FSDP1 with
+    ``use_orig_params=False``) raises an error in ``setup``.
 
     Costs. Training: one extra copy of the weights the inner optimizer steps (φ; under ZeRO only this
     rank's shard), a fused lerp + copy every ``k`` steps, no communication. Evaluation on slow weights:
@@ -129,6 +139,7 @@ class LookaheadCallback(Callback):
         #: optimizer index -> installed wrapper (this process).
         self.wrappers: dict[int, Lookahead] = {}
         self._engine: Any = None  # the DeepSpeed engine, when installed there
+        self._sharded = False  # FSDP / ModelParallel: each rank steps its own shard
         self._seen_sync_counts: dict[int, int] = {}
         self._eval_stack: ExitStack | None = None
 
@@ -142,12 +153,17 @@ class LookaheadCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if isinstance(strategy, (XLAStrategy, SingleDeviceXLAStrategy)) or not isinstance(
-            strategy, (SingleDeviceStrategy, DDPStrategy)
+            strategy, (SingleDeviceStrategy, DDPStrategy, *_SHARDED)
         ):
             raise RuntimeError(  # noqa: TRY004 - a configuration the callback cannot serve, not a bad argument type
                 f"LookaheadCallback does not support the {type(strategy).__name__} strategy; it works with "
-                f"{SUPPORTED}. For FSDP-style sharding use DeepSpeed ZeRO-3 "
-                f"(lookahead_dist.strategies.CPUDeepSpeedStrategy on CPU)."
+                f"{SUPPORTED}."
+            )
+        if isinstance(strategy, FSDPStrategy) and not strategy.kwargs.get("use_orig_params", False):
+            raise ValueError(
+                "LookaheadCallback: FSDPStrategy(use_orig_params=False) steps FSDP's flat parameters, whose "
+                "checkpoint layout the callback does not support; use FSDPStrategy(use_orig_params=True) "
+                "(Lightning's default) or ModelParallelStrategy (FSDP2)."
             )
         if isinstance(strategy, DeepSpeedStrategy):
             config = strategy.config or {}
@@ -169,6 +185,7 @@ class LookaheadCallback(Callback):
         if isinstance(strategy, DeepSpeedStrategy):
             self._install_deepspeed(strategy)
         else:
+            self._sharded = isinstance(strategy, _SHARDED)
             self._install_plain(trainer)
         self._seen_sync_counts = {i: w.sync_count for i, w in self.wrappers.items()}
 
@@ -211,7 +228,13 @@ class LookaheadCallback(Callback):
                     f"Lookahead in configure_optimizers."
                 )
             # LR schedulers keep pointing at the inner optimizer; its param_groups are the wrapper's.
-            self.wrappers[i] = Lookahead(opt, settings=self.settings)
+            if self._sharded:
+                from lookahead_dist.fsdp import wrap
+
+                # wrap() adds the reduce_fn that sums adaptive α's local partial sums over the shards.
+                self.wrappers[i] = wrap(opt, settings=self.settings)
+            else:
+                self.wrappers[i] = Lookahead(opt, settings=self.settings)
             optimizers[i] = self.wrappers[i]
         # The setter rebuilds the LightningOptimizers that training_step / optimizer_step use.
         trainer.strategy.optimizers = optimizers
@@ -308,9 +331,14 @@ class LookaheadCallback(Callback):
         return log
 
     def _distances(self) -> dict[int, float]:
-        """‖θ − φ‖ per wrapped optimizer; under ZeRO the local shard sums are all_reduced (one scalar each)."""
+        """‖θ − φ‖ per wrapped optimizer; under ZeRO/FSDP the local shard sums are all_reduced (one scalar each)."""
         out = {}
         for i, wrapper in self.wrappers.items():
+            if self._sharded:
+                from lookahead_dist.fsdp import fast_slow_distance
+
+                out[i] = fast_slow_distance(wrapper)  # local shard sum, one scalar all_reduce
+                continue
             if self._engine is None:
                 # DDP replicas hold the same θ and φ: the local sum is already the total.
                 out[i] = math.sqrt(float(wrapper.fast_slow_distance_sq()))
