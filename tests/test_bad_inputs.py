@@ -46,9 +46,13 @@ def row(row_id: str, raises: Any = None, match: str = "") -> Callable[[Callable[
     return register
 
 
-def model() -> nn.Module:
+def model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def first_weight(m: nn.Module) -> torch.Tensor:
+    return next(m.parameters())
 
 
 def adam(m: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -339,7 +343,7 @@ def _(tmp: Path) -> Any:
     m = model()
     la = Lookahead(adam(m), k=2)
     step_on(m, la)
-    weight = m[0].weight
+    weight = first_weight(m)
     phi_before = la.state[weight][SLOW_KEY].clone()
     with torch.no_grad():
         weight[0, 0] = math.nan
@@ -354,7 +358,7 @@ def _(tmp: Path) -> Any:
     la = Lookahead(adam(m), k=2, nonfinite="raise")
     step_on(m, la)
     with torch.no_grad():
-        m[0].weight[0, 0] = math.inf
+        first_weight(m)[0, 0] = math.inf
     step_on(m, la)
 
 
@@ -366,7 +370,7 @@ def _(tmp: Path) -> Any:
     step_on(m, la)
     la.zero_grad()
     la.step()
-    assert la.state[m[0].weight][COUNT_KEY] == 1 and la.sync_count == 0
+    assert la.state[first_weight(m)][COUNT_KEY] == 1 and la.sync_count == 0
     step_on(m, la)
     assert la.sync_count == 1
 
@@ -374,7 +378,7 @@ def _(tmp: Path) -> Any:
 @row("train-pullback-keys-not-momentum", ValueError, r"pullback_keys entry 'step' is a .* not a momentum-like buffer")
 def _(tmp: Path) -> Any:
     m = model()
-    la = Lookahead(adam(m), k=1, pullback="pullback", pullback_keys=["step"])
+    la = Lookahead(adam(m), k=1, pullback="pullback", pullback_keys=("step",))
     step_on(m, la)
 
 
@@ -560,6 +564,7 @@ def _(tmp: Path) -> Any:
 
     path = write(tmp, "{\n // comment\n zero_optimization: {stage: 2}\n lookahead: {k: 3}\n}\n", "c.hjson")
     strategy = LookaheadDeepSpeedStrategy(config=str(path))
+    assert strategy.config is not None
     assert strategy.config["lookahead"] == {"k": 3} and strategy.config["zero_optimization"]["stage"] == 2
     with pytest.raises(LookaheadConfigError, match=r"c2\.json'.*lookahead\.k=0"):
         LookaheadDeepSpeedStrategy(config=str(write(tmp, '{"lookahead": {"k": 0}}', "c2.json")))
@@ -708,8 +713,12 @@ def _(tmp: Path) -> Any:
 
     root = fake_ckpt(tmp, global_step4="ok", global_step8="missing_last", latest="global_step8")
     calls: list[Any] = []
-    engine = SimpleNamespace(load_universal_checkpoint=lambda: False,
-                             load_checkpoint=lambda d, tag=None, **kw: calls.append(tag) or (None, None))  # fmt: skip
+
+    def engine_load(load_dir: Any, tag: Any = None, **kwargs: Any) -> tuple[None, None]:
+        calls.append(tag)
+        return None, None
+
+    engine = SimpleNamespace(load_universal_checkpoint=lambda: False, load_checkpoint=engine_load)
     with pytest.raises(IncompleteCheckpointError, match=r"'global_step8'.*is missing.*'global_step4'.*fallback=True"):
         load_checkpoint(engine, root)
     assert calls == []  # refused before DeepSpeed reads anything

@@ -152,7 +152,7 @@ def _train_lightning(tmp_path: Path, norm: bool) -> Path:
     pl = pytest.importorskip("lightning.pytorch")
     from lookahead_dist.callbacks import LookaheadCallback
 
-    class Module(pl.LightningModule):
+    class Module(pl.LightningModule):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
@@ -168,7 +168,7 @@ def _train_lightning(tmp_path: Path, norm: bool) -> Path:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=7, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[LookaheadCallback(k=3, alpha=0.5)])  # fmt: skip
-    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader(_batches(), batch_size=None))
+    trainer.fit(Module(), train_dataloaders=torch.utils.data.DataLoader(_batches(), batch_size=None))  # type: ignore[arg-type]
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
     return path

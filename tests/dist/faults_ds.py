@@ -102,11 +102,14 @@ def main() -> None:
     optimizer = make_optimizer("adamw", param_groups(model))
     engine, _, _, _ = lads.initialize(model=model, optimizer=optimizer, config=config)
     la = lads.find_lookahead(engine)
+    assert la is not None, "the config's lookahead section must install Lookahead"
 
     first = 1
     loaded: dict[str, Any] = {}
     refused: str | None = None
     if args.resume != "none":
+        # The signal install() uses to refuse installing after a load: None until a load completes.
+        signal_before = engine.loaded_checkpoint_dp_world_size
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if args.resume == "plain":
@@ -121,6 +124,7 @@ def main() -> None:
             "path": path,
             "refused": refused if args.resume == "fallback" else None,
             "warnings": [str(w.message) for w in caught if "Lookahead checkpoint" in str(w.message)],
+            "loaded_dp_world_size": [signal_before, engine.loaded_checkpoint_dp_world_size],
         }
         first = engine.global_steps + 1
     log = open(args.out / f"{args.run}_rank{rank}.jsonl", "a")  # noqa: SIM115 - kept open across the loop
