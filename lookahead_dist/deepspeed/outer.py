@@ -229,13 +229,16 @@ class OuterLookahead(Lookahead):
 
     def _mean_deltas(self, fast: list[Tensor], slow: list[Tensor]) -> list[Tensor]:
         """mean over nodes of θ − φ, one tensor per ``fast`` tensor (fp32 like the partitions)."""
-        deltas = torch._foreach_sub(fast, slow)
         nodes = self.topology.num_nodes
         if nodes == 1:
-            return list(deltas)
-        bf16 = self.outer.comm_dtype == "bf16"
-        flat = torch.cat([d.reshape(-1) for d in deltas])
-        buf = flat.to(torch.bfloat16) if bf16 else flat
+            return list(torch._foreach_sub(fast, slow))
+        # θ − φ written straight into one flat buffer: one partition-sized temporary, one all-reduce.
+        sizes = [t.numel() for t in fast]
+        flat = torch.empty(sum(sizes), dtype=fast[0].dtype, device=fast[0].device)
+        views = [v.view_as(t) for v, t in zip(flat.split(sizes), fast)]
+        torch._foreach_copy_(views, fast)
+        torch._foreach_sub_(views, slow)
+        buf = flat.to(torch.bfloat16) if self.outer.comm_dtype == "bf16" else flat
         group = self.topology.cross_group
         if buf.device.type == "cpu" and tdist.get_backend(group) != "gloo":
             from deepspeed.accelerator import get_accelerator
@@ -244,12 +247,8 @@ class OuterLookahead(Lookahead):
         tdist.all_reduce(buf, op=tdist.ReduceOp.SUM, group=group)
         self.outer_elements += buf.numel()
         self.outer_bytes += buf.numel() * buf.element_size()
-        mean = buf.to(device=flat.device, dtype=flat.dtype).div_(nodes)
-        out, start = [], 0
-        for d in deltas:
-            out.append(mean[start : start + d.numel()].view_as(d))
-            start += d.numel()
-        return out
+        mean = buf.to(device=flat.device, dtype=flat.dtype).div_(nodes)  # `flat` itself when fp32 on its device
+        return [v.view_as(t) for v, t in zip(mean.split(sizes), fast)]
 
     def _sync(self, due: dict[int, list[Tensor]]) -> None:
         state = self.optimizer.state
