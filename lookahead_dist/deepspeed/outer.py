@@ -183,9 +183,9 @@ def broadcast_initial_weights(model: torch.nn.Module, topology: NodeTopology) ->
         return
     with torch.no_grad():
         for t in tensors:
-            if t.device.type == "cpu" or tdist.get_backend() == "gloo":
+            if tdist.get_backend() == "gloo" or t.device.type != "cpu":
                 tdist.broadcast(t.data, src=0)
-            else:
+            else:  # NCCL cannot send CPU tensors (the model is usually still on CPU here)
                 t.data.copy_(_broadcast_via_device(t.data))
 
 
