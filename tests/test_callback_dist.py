@@ -5,21 +5,17 @@ which runs every case in sequence and writes one JSON file (see that script for 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import child_env, free_port, run, run_all, torchrun_cmd
+
 pytest.importorskip("lightning")
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "dist" / "pl_equiv.py"
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+SCRIPT = "tests.dist.pl_equiv"
 CASES = ["ddp", "zero1", "zero2", "zero3"]
 SECTION_CASE = "zero2_section"  # no callback; CPUDeepSpeedStrategy applies the config's "lookahead" section
 OFFSETS = [4, 5]  # k=3: resume one and two steps into a cycle
@@ -33,16 +29,6 @@ BF16_CASE = "zero2_bf16"
 TOL = 1e-5  # all-reduced gradients vs. one full-batch gradient: float rounding only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-
-
 def _check(proc_outputs: list[str], out: Path) -> dict[str, Any]:
     assert out.exists(), "pl_equiv.py wrote no results:\n" + "\n".join(o[-4000:] for o in proc_outputs)
     return json.loads(out.read_text())
@@ -52,34 +38,25 @@ def _check(proc_outputs: list[str], out: Path) -> dict[str, Any]:
 def two_procs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("pl_equiv")
     out = tmp / "results.json"
-    cmd = TORCHRUN + [
-        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT), "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE] + ACCUM_CLIP_CASES + [BF16_CASE]),
+    port = free_port()
+    cmd = torchrun_cmd(SCRIPT, [
+        "--out", str(out), "--cases", ",".join(CASES + [SECTION_CASE] + ACCUM_CLIP_CASES + [BF16_CASE]),
         "--offsets", ",".join(map(str, OFFSETS)), "--tmp", str(tmp),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
-    return _check([proc.stdout + proc.stderr], out)
+    ], nproc=2, port=port)  # fmt: skip
+    proc = run(cmd, timeout=400, env=child_env(port=port))
+    return _check([proc.stdout], out)
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("pl_multinode")
     out = tmp / "results.json"
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            TORCHRUN + [
-                "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                "--master_addr", "127.0.0.1", "--master_port", port,
-                str(SCRIPT), "--out", str(out), "--cases", ",".join(MULTINODE_CASES),
-                "--num-nodes", "2", "--offsets", "", "--tmp", str(tmp),
-            ],
-            env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    return _check(outputs, out)
+    port = free_port()
+    args = ["--out", str(out), "--cases", ",".join(MULTINODE_CASES), "--num-nodes", "2", "--offsets", "",
+            "--tmp", str(tmp)]  # fmt: skip
+    cmds = [torchrun_cmd(SCRIPT, args, nproc=1, port=port, nnodes=2, node_rank=rank) for rank in (0, 1)]
+    procs = run_all(cmds, timeout=300, env=child_env(port=port))
+    return _check([p.stdout for p in procs], out)
 
 
 def _assert_matches_reference(result: dict[str, Any], offsets: list[int]) -> None:

@@ -8,18 +8,13 @@ the full global batch, which is what the reference computes in one process.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import Logger
 
 from tests.reference import ReferenceLookahead
 

@@ -1,9 +1,9 @@
 """LookaheadCallback under multi-process strategies vs. the single-process reference. Launched by torchrun:
 
-    torchrun --nproc_per_node 2 tests/dist/pl_equiv.py --out R.json --cases ddp,zero1,zero2,zero3,zero2_bf16
-    torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 ... tests/dist/pl_equiv.py --num-nodes 2 ...
+    torchrun --nproc_per_node 2 -m tests.dist.pl_equiv --out R.json --cases ddp,zero1,zero2,zero3,zero2_bf16
+    torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 ... -m tests.dist.pl_equiv --num-nodes 2 ...
 
-Lightning sees torchrun's environment and starts no processes itself, so one launch runs every case in
+(from the repository root). Lightning sees torchrun's environment and starts no processes itself, so one launch runs every case in
 sequence. Per case (k=3, α=0.5, Adam, 8 optimizer steps, validation after steps 4 and 8):
   * the fast weights θ, the slow weights φ and ‖θ − φ‖ (logged) vs. the reference;
   * the validation losses (slow weights) vs. the reference's φ at steps 4 and 8, which also shows that a
@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist
