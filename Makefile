@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q ninja packaging psutil py-cpuinfo hjson msgpack "pydantic>=2" tqdm numpy einops
 	$(BIN)/pip install -q --no-build-isolation $(DEEPSPEED)
-	$(BIN)/pip install -q -e '.[deepspeed,lightning,examples,test]'
+	$(BIN)/pip install -q -e '.[deepspeed,lightning,examples,hf,test]'
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was changed to ' + v + ' by a dependency; expected 2.13.0')"
 	@# DeepSpeed JIT-compiles its CPU ops on first use (minutes); build them once here, not inside a test.
 	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; [b.load(verbose=False) for b in (CPUAdamBuilder(), ShareMemCommBuilder())]"
