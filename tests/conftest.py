@@ -55,3 +55,16 @@ def hf_home(pytestconfig: pytest.Config) -> Iterator[Path]:
     assert not changed, (
         f"a test changed the offline Hugging Face environment for the rest of the session: {changed}"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The examples' tokenizer cache (``LOOKAHEAD_CACHE_DIR``, else ``<repo>/out/cache``) in a temporary folder."""
+    root = tmp_path_factory.mktemp("example-cache")
+    saved = os.environ.get("LOOKAHEAD_CACHE_DIR")
+    os.environ["LOOKAHEAD_CACHE_DIR"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("LOOKAHEAD_CACHE_DIR", None)
+    else:
+        os.environ["LOOKAHEAD_CACHE_DIR"] = saved

@@ -49,9 +49,25 @@ def run_cli(task: str, args: list[str], log_file: Path, timeout: float) -> subpr
     return subprocess.CompletedProcess(proc.args, proc.returncode)
 
 
+def run_folder(run_dir: Path | str) -> Path:
+    """The folder holding a run's ``metrics.csv``: ``run_dir`` itself, else its newest ``version_N``.
+
+    ``run_dir`` may be a run folder or a ``trainer.default_root_dir`` (each fit gets ``version_N`` under it).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "metrics.csv").exists():
+        return run_dir
+    versions = sorted(
+        (int(p.name.split("_")[1]), p) for p in run_dir.glob("version_*") if p.name.split("_")[1].isdigit()
+    )
+    if not versions:
+        raise FileNotFoundError(f"{run_dir} holds no metrics.csv and no version_N run folder")
+    return versions[-1][1]
+
+
 def read_metrics(run_dir: Path | str) -> list[dict[str, float]]:
-    """Rows of ``<run_dir>/logs/metrics.csv`` with the empty cells left out and numbers as floats."""
-    with open(Path(run_dir) / "logs" / "metrics.csv") as f:
+    """Rows of the run's ``metrics.csv`` (see :func:`run_folder`), empty cells left out, numbers as floats."""
+    with open(run_folder(run_dir) / "metrics.csv") as f:
         return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(f)]
 
 
