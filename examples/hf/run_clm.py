@@ -24,6 +24,7 @@ Without ``--tokenizer_name`` and without a pretrained model, a byte-level BPE is
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
@@ -166,6 +167,8 @@ def load_model(model: ModelArguments, tokenizer: Any, block_size: int) -> torch.
         loaded = AutoModelForCausalLM.from_pretrained(
             resolve(model.model_name_or_path), gguf_file=model.gguf_file, dtype=torch.float32
         )
+        if getattr(loaded, "is_quantized", False):
+            return dequantized_copy(loaded)
         return loaded
     if model.config_name is not None:
         config = AutoConfig.from_pretrained(resolve(model.config_name))
@@ -183,6 +186,22 @@ def load_model(model: ModelArguments, tokenizer: Any, block_size: int) -> torch.
         if value is not None:
             setattr(config, name, value)
     return AutoModelForCausalLM.from_config(config)
+
+
+def dequantized_copy(loaded: Any) -> torch.nn.Module:
+    """A plain fp32 model with the weights of a GGUF-loaded one.
+
+    transformers dequantizes GGUF weights to fp32 on CPU but still marks the model as quantized, and the
+    Trainer refuses to train quantized models without adapters; the weights themselves are ordinary tensors.
+    """
+    if any(not p.is_floating_point() for p in loaded.parameters()):
+        raise SystemExit("The GGUF weights were loaded quantized; this example needs them dequantized to fp32.")
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    return plain.train()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
