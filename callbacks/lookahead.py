@@ -142,6 +142,8 @@ class LookaheadCallback(Callback):
         self._sharded = False  # FSDP / ModelParallel: each rank steps its own shard
         self._seen_sync_counts: dict[int, int] = {}
         self._eval_stack: ExitStack | None = None
+        #: (module, name -> φ, ZeRO-3) read by on_load_checkpoint outside fit, for evaluation.
+        self._restored_slow: tuple[pl.LightningModule, dict[str, torch.Tensor], bool] | None = None
 
     k = property(lambda self: self.settings.k)
     alpha = property(lambda self: self.settings.alpha)
@@ -244,12 +246,18 @@ class LookaheadCallback(Callback):
         if self.eval_weights != "slow" or self._eval_stack is not None:
             return
         if not self.wrappers:
-            # e.g. trainer.test(ckpt_path=...) in a new Trainer: Lightning restores no optimizer state
-            # outside fit, so there are no slow weights to swap in.
+            restored = self._restored_slow
+            if restored is not None:
+                # validate/test/predict(ckpt_path=...): φ read from the checkpoint's optimizer state
+                stack = ExitStack()
+                stack.enter_context(_SwappedIn(*restored))
+                self._eval_stack = stack
+                return
+            # e.g. trainer.test() in a new Trainer without ckpt_path, or a checkpoint without slow weights.
             rank_zero_warn(
                 "LookaheadCallback: eval_weights='slow' but Lookahead was not installed in this Trainer "
-                "(no fit ran), so evaluation uses the model's (fast) weights. Evaluate right after fit, or "
-                "export the slow weights (lookahead_dist.checkpoint slow-weights for DeepSpeed checkpoints)."
+                "(no fit ran) and no checkpoint with slow weights was loaded, so evaluation uses the model's "
+                "(fast) weights. Pass ckpt_path= (a checkpoint saved with LookaheadCallback) or evaluate after fit."
             )
             return
         stack = ExitStack()
@@ -294,6 +302,30 @@ class LookaheadCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._exit_eval()
+
+    # ------------------------------------------------------------------ slow weights from a checkpoint
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Outside fit, read φ from the checkpoint so that validate/test/predict(ckpt_path=...) can use it.
+
+        Lightning restores optimizer state only when fitting; a Lightning ``.ckpt`` (single device, DDP)
+        still holds it under ``optimizer_states``, a DeepSpeed checkpoint folder in its per-rank optimizer
+        files (consolidated here into one state dict, as ``slow-weights`` does).
+        """
+        self._restored_slow = None
+        if trainer.state.fn == "fit" or self.eval_weights != "slow":
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            slow = _slow_from_deepspeed(trainer.ckpt_path, pl_module)
+        else:
+            slow = _slow_from_lightning(checkpoint, pl_module, self.optimizer_indices)
+        if isinstance(slow, str):
+            rank_zero_warn(f"LookaheadCallback: {slow}; evaluation uses the checkpoint's (fast) weights.")
+            return
+        zero3 = isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3
+        self._restored_slow = (pl_module, slow, zero3)
 
     # ------------------------------------------------------------------ logging
     @override
@@ -366,3 +398,97 @@ class LookaheadCallback(Callback):
                 f"LookaheadCallback: the checkpoint was trained with {saved}, this run uses {now}; "
                 f"the new settings apply from the resumed step on."
             )
+
+
+# ---------------------------------------------------------------------- slow weights of a saved checkpoint
+def _slow_from_lightning(
+    checkpoint: dict[str, Any], pl_module: pl.LightningModule, indices: list[int] | None
+) -> dict[str, torch.Tensor] | str:
+    """Module parameter name -> φ from a Lightning checkpoint dict, or why there is none.
+
+    An optimizer state numbers its tensors in param-group order; LightningCLI's and the usual
+    ``configure_optimizers`` pass ``self.parameters()``, i.e. the trainable parameters in definition order.
+    The match is checked by count and shape and refused (with the reason) when it does not hold.
+    """
+    from lookahead_dist.core.keys import SLOW_KEY
+
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return "the checkpoint holds no optimizer state (saved with save_weights_only?), so no slow weights"
+    chosen = indices if indices is not None else list(range(len(states)))
+    if len(chosen) != 1 or chosen[0] >= len(states):
+        return f"slow weights are read for exactly one optimizer; the checkpoint has {len(states)}"
+    osd = states[chosen[0]]
+    order = [index for group in osd["param_groups"] for index in group["params"]]
+    named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+    if len(order) != len(named):
+        return (
+            f"the optimizer state has {len(order)} parameters, the module {len(named)} trainable ones, so the "
+            f"slow weights cannot be matched to parameters"
+        )
+    slow: dict[str, torch.Tensor] = {}
+    for index, (name, param) in zip(order, named):
+        phi = osd["state"].get(index, {}).get(SLOW_KEY)
+        if phi is None:
+            continue  # never stepped: φ equals θ
+        if tuple(phi.shape) != tuple(param.shape):
+            return f"slow weight {index} has shape {tuple(phi.shape)} but parameter {name!r} {tuple(param.shape)}"
+        slow[name] = phi
+    if not slow:
+        return "the checkpoint's optimizer state holds no slow weights (saved without LookaheadCallback?)"
+    return slow
+
+
+def _slow_from_deepspeed(ckpt_path: Any, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | str:
+    if ckpt_path is None:
+        return "no checkpoint path"
+    from lookahead_dist.deepspeed.checkpoint import consolidated_slow_state_dict
+
+    try:
+        full = consolidated_slow_state_dict(ckpt_path)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    names = {name for name, _ in pl_module.named_parameters()}
+    slow: dict[str, torch.Tensor] = {}
+    for key, value in full.items():
+        # The engine's module wraps the LightningModule: strip the wrapper's prefixes.
+        name = key
+        for prefix in ("_forward_module.", "module."):
+            name = name.removeprefix(prefix)
+        if name in names:
+            slow[name] = value
+    if not slow:
+        return f"no slow weight in {ckpt_path} matches a parameter name of {type(pl_module).__name__}"
+    return slow
+
+
+class _SwappedIn:
+    """Copy φ into the parameters on enter and θ back, bit-exactly, on exit (ZeRO-3: gathered first)."""
+
+    def __init__(self, pl_module: pl.LightningModule, slow: dict[str, torch.Tensor], zero3: bool) -> None:
+        self.params = {name: p for name, p in pl_module.named_parameters() if name in slow}
+        self.slow, self.zero3 = slow, zero3
+        self.fast: dict[str, torch.Tensor] = {}
+
+    def _copy(self, values: dict[str, torch.Tensor], keep: bool) -> None:
+        params = list(self.params.values())
+        if self.zero3:
+            import deepspeed
+
+            context: Any = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        else:
+            from contextlib import nullcontext
+
+            context = nullcontext()
+        with context, torch.no_grad():
+            for name, p in self.params.items():
+                if keep:
+                    self.fast[name] = p.detach().clone()
+                p.copy_(values[name].to(device=p.device, dtype=p.dtype))
+
+    def __enter__(self) -> None:
+        self._copy(self.slow, keep=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._copy(self.fast, keep=False)
+        self.fast = {}
