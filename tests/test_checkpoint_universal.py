@@ -9,57 +9,27 @@ inside the launched script; the results come back as JSON. See tests/dist/ckpt_u
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist import ckpt_universal as script
+from tests.helpers import run_module, run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tests" / "dist" / "ckpt_universal.py"
+SCRIPT = "tests.dist.ckpt_universal"
 TOL = 1e-6
 RESUME_WORLDS = (1, 4)
 SAVE_TAG = f"step{script.SAVE_AT}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
-    )
-    return env
-
-
 def _launch(nproc: int, phase: str, workdir: Path) -> dict:
     out = workdir / f"{phase}_w{nproc}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
-        str(SCRIPT),
-        "--phase",
-        phase,
-        "--workdir",
-        str(workdir),
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0 and out.is_file(), f"{phase} on {nproc} ranks failed:\n{proc.stderr[-6000:]}"
+    args = ["--phase", phase, "--workdir", str(workdir), "--out", str(out)]
+    proc = run_torchrun(SCRIPT, args, nproc=nproc, timeout=400)
+    assert proc.returncode == 0 and out.is_file(), f"{phase} on {nproc} ranks failed:\n{proc.stdout[-6000:]}"
     results = json.loads(out.read_text())
     for name, result in results.items():
         assert "error" not in result, f"{phase} on {nproc} ranks, case {name}:\n{result['error']}"
@@ -116,9 +86,8 @@ def test_resume_at_other_world_size_matches_reference(runs: dict, case: str, wor
 
 
 def test_cli_entry_point_runs() -> None:
-    cmd = [sys.executable, "-m", "lookahead_dist.checkpoint", "--help"]
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_module("lookahead_dist.checkpoint", ["--help"], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     assert "to-universal" in proc.stdout and "slow-weights" in proc.stdout
 
 

@@ -1,4 +1,5 @@
-"""Run under torchrun: Lookahead + DeepSpeed ZeRO checkpoints across world sizes (CPU, gloo).
+"""Run under torchrun: Lookahead + DeepSpeed ZeRO checkpoints across world sizes (CPU, gloo). From the repository
+root: ``torchrun --nproc_per_node N -m tests.dist.ckpt_universal --phase save|resume --workdir DIR --out FILE``.
 
 ``--phase save`` (2 ranks): train SAVE_AT steps per case, save a regular checkpoint, then rank 0 converts it
 with ``lookahead_dist.checkpoint.to_universal`` and consolidates φ (ours) and θ (DeepSpeed's zero_to_fp32).
@@ -20,8 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.reference import ReferenceLookahead
 
