@@ -89,6 +89,18 @@ def test_last_complete_tag_is_the_newest_complete_step(tmp_path: Path) -> None:
         resolve_load_tag(root, "global_step12", fallback=False)
 
 
+def test_universal_folder_is_reported_but_never_a_fallback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = fake_checkpoint(tmp_path / "c", {"global_step4": "ok", "global_step8": "missing_last"}, latest="global_step8")
+    universal = root / "global_step8_universal"
+    (universal / "zero").mkdir(parents=True)
+    torch.save({"dp_world_size": 2}, universal / "mp_rank_00_model_states.pt")
+    assert check_tag(universal).complete and check_tag(universal).universal
+    assert last_complete_tag(root) == "global_step4"
+    assert main(["check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "global_step8_universal: complete (universal checkpoint)" in out and "'global_step4'" in out
+
+
 def test_resolve_without_latest_returns_none(tmp_path: Path) -> None:
     root = fake_checkpoint(tmp_path / "c", {"global_step1": "ok"})
     assert resolve_load_tag(root) is None

@@ -104,6 +104,8 @@ class TagReport:
     world_size: int | None = None
     #: ``engine.global_steps`` at the save, if readable.
     global_steps: int | None = None
+    #: A universal checkpoint folder (``to_universal``); never a fallback for a regular load.
+    universal: bool = False
 
     @property
     def complete(self) -> bool:
@@ -136,7 +138,8 @@ def check_tag(tag_dir: str | os.PathLike) -> TagReport:
     if not path.is_dir():
         report.problems.append(f"{str(path)!r} does not exist")
         return report
-    if (path / "zero").is_dir() and (path / UNIVERSAL_META_FILE).is_file():
+    if (path / "zero").is_dir():  # a universal checkpoint (ds_to_universal): no per-rank files
+        report.universal = True
         if not any(path.glob("*_model_states.pt")):
             report.problems.append("no *_model_states.pt file in the universal checkpoint")
         return report
@@ -217,7 +220,7 @@ def check_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[str | None, lis
 
 def last_complete_tag(checkpoint_dir: str | os.PathLike) -> str | None:
     """The most recent complete tag of ``checkpoint_dir`` (by saved step, then time), or None."""
-    complete = [r for r in check_checkpoint(checkpoint_dir)[1] if r.complete]
+    complete = [r for r in check_checkpoint(checkpoint_dir)[1] if r.complete and not r.universal]
     return complete[-1].tag if complete else None
 
 
@@ -909,7 +912,7 @@ def _check_command(root: Path, tag: str | None) -> int:
     latest, reports = check_checkpoint(root)
     for report in reports:
         print(_report_line(report, is_latest=report.tag == latest))
-    complete = [r.tag for r in reports if r.complete]
+    complete = [r.tag for r in reports if r.complete and not r.universal]
     if latest is None:
         print(f"no 'latest' file in {str(root)!r}")
     latest_ok = any(r.tag == latest and r.complete for r in reports)
@@ -930,6 +933,8 @@ def _report_line(report: TagReport, is_latest: bool = False) -> str:
     mark = " (latest)" if is_latest else ""
     if report.complete:
         detail = f"{report.world_size} rank(s)" if report.world_size is not None else "readable"
+        if report.universal:
+            detail = "universal checkpoint"
         if report.global_steps is not None:
             detail += f", step {report.global_steps}"
         return f"{report.tag}{mark}: complete ({detail})"
