@@ -148,6 +148,17 @@ def test_fsdp2_bf16_params_keep_fp32_sharded_slow_weights(fsdp2: tuple) -> None:
 
 
 @pytest.mark.dist
+def test_fsdp2_adaptive_alpha_sums_over_shards(fsdp2: tuple) -> None:
+    res = fsdp2[0]["adaptive"]
+    # The same α as one process stepping the full tensors, so the shard sums were added up (once).
+    assert res["alpha"] < 1e-6 and res["theta"] < TOL and res["phi"] < TOL, res
+    for rank in res["in_step"]:
+        # One small all_reduce at each sync (steps 3 and 6), nothing on the other steps.
+        assert [i for i, log in enumerate(rank) if log] == [K - 1, 2 * K - 1]
+        assert all(len(log) == 1 and log[0][0] == "allreduce_" and log[0][1] <= 16 for log in rank if log)
+
+
+@pytest.mark.dist
 def test_fsdp2_wrap_refuses_partly_sharded_models(fsdp2: tuple) -> None:
     message = fsdp2[0]["refuse"]["error_message"]
     assert message and "fully_shard to the root module" in message
@@ -199,7 +210,9 @@ def test_lightning_callback_under_fsdp(lightning: tuple, case: str) -> None:
     assert res["theta"] < TOL and res["phi"] < TOL, res
     assert res["syncs_done"] == STEPS // K
     assert res["val_count"] == 2 and res["val"] < 1e-5  # validation on φ at steps 4 and 8
+    assert res["val_fast_gap"] > 1e3 * res["val"] + 1e-4  # ... which validation on θ would not match
     assert res["distance"] < TOL
+    assert res["step_comms"] == [[[]] * STEPS] * WORLD  # no collective in any inner step or sync
     phi_bytes = res["phi_bytes_per_rank"]
     assert sum(phi_bytes) == 4 * res["P"] and max(phi_bytes) < 4 * res["P"]  # sharded, every element once
 
@@ -240,16 +253,16 @@ def test_callback_refuses_fsdp1_flat_parameters() -> None:
 # ------------------------------------------------------------------------------------------------ examples
 @pytest.mark.dist
 @pytest.mark.slow
-def test_examples_run_with_the_fsdp_configs(tmp_path: Path) -> None:
+def test_examples_run_with_the_fsdp_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """configs/{lm,nmt}_fsdp.yaml + the Lookahead config on 2 processes; then the slow weights of the LM's
     sharded checkpoint load into the plain example model."""
     from examples.common.runs import read_metrics, run_env
 
-    small = {
-        "lm": ["--data.batch_size=8", "--data.max_val_blocks=16", "--data.vocab_size=1024", "--data.seq_len=64"],
-        "nmt": ["--data.batch_size=16", "--data.max_train_pairs=2000", "--data.max_eval_pairs=32",
-                "--data.vocab_size=1000", "--data.max_len=24", "--model.num_beams=2", "--model.bleu_batches=1"],
-    }  # fmt: skip
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")  # ex_cases (imported for its small example sizes) insists on offline runs
+    from tests.dist.ex_cases import LM_SMALL, NMT_SMALL
+
+    small = {"lm": LM_SMALL, "nmt": NMT_SMALL}
     steps = 10
     for task in ("lm", "nmt"):
         root = tmp_path / task
@@ -267,12 +280,14 @@ def test_examples_run_with_the_fsdp_configs(tmp_path: Path) -> None:
         assert syncs and all(count == (step + 1) // 5 for step, count in syncs), syncs  # k=5 in the config
         val = [row["val_loss"] for row in metrics if "val_loss" in row]
         assert val and all(math.isfinite(v) for v in val)
-        assert (root / "logs" / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # a sharded DCP folder
+        (last,) = root.rglob("last.ckpt")
+        assert (last / ".metadata").is_file()  # a sharded DCP folder
+        (config,) = root.rglob("config.yaml")
+        assert "CPUFSDPStrategy" in config.read_text()
     from examples.lm.model import CausalLMModule
     from lookahead_dist.fsdp.checkpoint import consolidated_slow_state_dict
 
-    state = consolidated_slow_state_dict(tmp_path / "lm" / "logs" / "checkpoints" / "last.ckpt")
-    hparams = (tmp_path / "lm" / "logs" / "config.yaml").read_text()
-    assert "CPUFSDPStrategy" in hparams
+    (last,) = (tmp_path / "lm").rglob("last.ckpt")
+    state = consolidated_slow_state_dict(last)
     module = CausalLMModule(vocab_size=1024, seq_len=64)
     module.load_state_dict(state)  # strict: the slow weights cover the whole module

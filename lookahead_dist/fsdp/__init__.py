@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..core.optim import Lookahead, ReduceFn
 from ..core.settings import LookaheadSettings
+from ..core.sync import local
 
 __all__ = ["fast_slow_distance", "is_dtensor", "local_tensor", "shard_reduce_fn", "wrap"]
 
@@ -50,7 +51,7 @@ def is_dtensor(t: Any) -> bool:
 
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a view, no communication); any other tensor as it is."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+    return local(t)
 
 
 def shard_reduce_fn(group: Any = None) -> ReduceFn:

@@ -14,7 +14,9 @@ DCP (AdamW): 4 steps (one step into a cycle), ``get_state_dict`` → ``dcp.save`
 optimizer → ``get_state_dict`` → ``dcp.load`` → ``set_state_dict``; 4 more steps; θ and φ vs. the straight
 8-step run, for both ``flatten_optimizer_state_dict`` layouts. The unflattened checkpoint is left in
 ``--tmp`` for the consolidation test. Mixed precision: ``MixedPrecisionPolicy(param_dtype=bf16)``, 6 steps
-(the last one syncs). "refuse": ``wrap`` on a model with plain and DTensor parameters. Rank 0 writes JSON.
+(the last one syncs). "adaptive": ``alpha="adaptive"`` vs. one process stepping
+the full tensors (α per sync, trajectory, collectives in the step). "refuse": ``wrap`` on a model with plain
+and DTensor parameters. Rank 0 writes JSON.
 """
 
 from __future__ import annotations
@@ -256,6 +258,34 @@ def case_mixed_precision() -> dict[str, Any]:
     }
 
 
+def case_adaptive() -> dict[str, Any]:
+    """alpha="adaptive": the α of every sync and the trajectory vs. one process stepping the full tensors."""
+    from lookahead_dist import Lookahead
+    from tests.dist.fsdp_common import global_batch
+
+    world = dist.get_world_size()
+    net = sharded_net()
+    opt = la_fsdp.wrap(make_inner(net.parameters(), "adamw"), k=K, alpha="adaptive")
+    logs = train(net, opt, 0, STEPS)
+    theta, phi = theta_phi(net, opt)
+    alphas = opt.last_alpha
+    ref_net = make_net()
+    ref = Lookahead(make_inner(ref_net.parameters(), "adamw"), k=K, alpha="adaptive")
+    for step in range(STEPS):
+        ref.zero_grad()
+        x, y = global_batch(step, PER_RANK * world)
+        nn.functional.mse_loss(ref_net(x), y).backward()
+        ref.step()
+    params = list(ref_net.parameters())
+    return {
+        "theta": max_abs_diff(theta, [p.detach() for p in params]),
+        "phi": max_abs_diff(phi, [ref.state[p][SLOW_KEY] for p in params]),
+        "alpha": abs(alphas[0] - ref.last_alpha[0]),
+        "alpha_value": alphas[0],
+        "in_step": gather_per_rank(logs["in_step"]),
+    }
+
+
 def case_refuse() -> dict[str, Any]:
     """wrap() on a model whose root was not fully_shard-ed: some parameters stay plain (replicated) tensors."""
     net = make_net()
@@ -271,7 +301,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--tmp", required=True)
-    parser.add_argument("--cases", default="adamw,sgd,dcp,mp,refuse")
+    parser.add_argument("--cases", default="adamw,sgd,dcp,mp,adaptive,refuse")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -284,6 +314,8 @@ def main() -> None:
                 results[case] = case_dcp(args.tmp)
             elif case == "mp":
                 results[case] = case_mixed_precision()
+            elif case == "adaptive":
+                results[case] = case_adaptive()
             elif case == "refuse":
                 results[case] = case_refuse()
             else:

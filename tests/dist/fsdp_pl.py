@@ -5,7 +5,8 @@
 
 Lightning sees torchrun's environment and starts no processes itself. Per case (k=3, α=0.5, AdamW, 8 steps
 of 4 rows per rank, validation after steps 4 and 8; the MLP of fsdp_common with uneven shards):
-  * θ and φ (gathered to full tensors) vs. the reference; φ's local size per rank;
+  * θ and φ (gathered to full tensors) vs. the reference; φ's local size per rank; collectives inside
+    every inner step + sync (fsdp_common.Comms);
   * the validation losses (on φ) vs. the reference's φ at steps 4 and 8 (validation must not move training);
   * the logged ‖θ − φ‖ vs. the reference's;
   * resume: fit to step 4 (one step into a cycle), save, fit to 8 from the checkpoint in a new Trainer,
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader
 from lookahead_dist import LookaheadCallback
 from lookahead_dist.core.keys import SLOW_KEY
 from lookahead_dist.lightning import CPUFSDPStrategy
-from tests.dist.fsdp_common import ALPHA, K, make_data, make_inner, make_net, reference_run
+from tests.dist.fsdp_common import ALPHA, Comms, K, make_data, make_inner, make_net, reference_run
 from tests.dist.pl_common import Capture, Rows, loader
 from tests.reference import max_abs_diff
 
@@ -54,6 +55,7 @@ class ShardedModule(LightningModule):
         self.net = make_net()
         self.fsdp2 = fsdp2
         self.val_losses: list[float] = []
+        self.step_comms: list[Any] = []
 
     def configure_model(self) -> None:
         if not self.fsdp2:
@@ -83,6 +85,26 @@ class ShardedModule(LightningModule):
         return make_inner(self.parameters(), "adamw")
 
 
+class CountStepComms(Callback):
+    """Counts collectives inside each inner step + sync of the installed Lookahead (after the closure ran
+    forward and backward, which hold FSDP's own collectives)."""
+
+    def __init__(self, lookahead: LookaheadCallback) -> None:
+        self.lookahead = lookahead
+        self.per_step: list[list[tuple[str, int]]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        wrapper = self.lookahead.wrappers[0]
+        original = wrapper._step
+
+        def counted() -> None:
+            with Comms() as comms:
+                original()
+            self.per_step.append(comms.log)
+
+        wrapper._step = counted  # type: ignore[method-assign]
+
+
 def make_strategy(case: str, full: bool) -> Any:
     if case == "fsdp2":
         return ModelParallelStrategy(
@@ -95,13 +117,14 @@ def make_strategy(case: str, full: bool) -> Any:
 def fit(case: str, steps: int, full: bool = False, ckpt: str | None = None, start: int = 0) -> tuple:
     module = ShardedModule(fsdp2=case == "fsdp2")
     callback = LookaheadCallback(k=K, alpha=ALPHA, log_distance=True)
+    counter = CountStepComms(callback)
     logger = Capture()
     trainer = Trainer(
         accelerator="cpu",
         devices=dist.get_world_size(),
         strategy=make_strategy(case, full),
         max_steps=steps,
-        callbacks=[callback],
+        callbacks=[callback, counter],
         logger=logger,
         log_every_n_steps=STEPS,
         val_check_interval=VAL_EVERY,
@@ -114,6 +137,7 @@ def fit(case: str, steps: int, full: bool = False, ckpt: str | None = None, star
     )
     data = loader(PER_RANK, dist.get_rank(), dist.get_world_size(), start=start)
     trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt)
+    module.step_comms = counter.per_step
     return trainer, module, callback, logger
 
 
@@ -155,20 +179,25 @@ def run_case(case: str, tmp: str) -> dict[str, Any]:
     # Lightning's sharded checkpoint (a DCP folder) at step 8, for the consolidated-slow-weights test.
     trainer.save_checkpoint(os.path.join(tmp, f"{case}_final.ckpt"))
     ref_theta, ref_phi = reference_run(STEPS, PER_RANK * world, "adamw")
-    _, ref_phi4 = reference_run(VAL_EVERY, PER_RANK * world, "adamw")
+    ref_theta4, ref_phi4 = reference_run(VAL_EVERY, PER_RANK * world, "adamw")
     expected_val = [val_loss(ref_phi4), val_loss(ref_phi)]
+    fast_val = [val_loss(ref_theta4), val_loss(ref_theta)]  # what validation on θ would give
     ref_distance = sum(float(((a - b).double() ** 2).sum()) for a, b in zip(ref_theta, ref_phi)) ** 0.5
     logged = logger.metrics.get(STEPS - 1, {})
     per_rank: list[Any] = [None] * world
     dist.all_gather_object(per_rank, phi_bytes)
+    step_comms: list[Any] = [None] * world
+    dist.all_gather_object(step_comms, module.step_comms)
     out: dict[str, Any] = {
         "theta": max_abs_diff(theta, ref_theta),
         "phi": max_abs_diff(phi, ref_phi),
         "phi_bytes_per_rank": per_rank,
+        "step_comms": step_comms,  # per rank, per optimizer step: collectives in the inner step + sync
         "P": sum(p.numel() for p in make_net().parameters()),
         "strategy": type(trainer.strategy).__name__,
         "val": max(abs(a - b) for a, b in zip(module.val_losses, expected_val, strict=True)),
         "val_count": len(module.val_losses),
+        "val_fast_gap": min(abs(a - b) for a, b in zip(expected_val, fast_val, strict=True)),
         "distance": abs(logged.get("lookahead/distance", float("nan")) - ref_distance),
         "syncs_done": callback.syncs_done,
     }
