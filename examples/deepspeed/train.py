@@ -7,7 +7,7 @@ Each rank keeps the slow weights φ only for its own ZeRO partition; the sync ad
     torchrun --nproc_per_node 2 examples/deepspeed/train.py             # 2 processes (CPU: gloo, GPU: nccl)
     deepspeed --num_gpus 2 examples/deepspeed/train.py --zero_stage=3   # the DeepSpeed launcher works too
     torchrun --nproc_per_node 2 examples/deepspeed/train.py --ds_config_file=configs/zero2.json
-    torchrun --nproc_per_node 2 examples/deepspeed/train.py --resume=True --max_iters=800   # continue from out_dir
+    torchrun --nproc_per_node 2 examples/deepspeed/train.py --resume=True   # continue from the last checkpoint
 
 Any name of the configuration block can be set with ``--name=value`` (a Python literal). Every
 ``eval_interval`` iterations the validation perplexity is computed on the fast weights θ and, inside
@@ -48,7 +48,7 @@ n_head = 4
 n_embd = 128
 # optimisation
 micro_batch = 16  # sequences per rank and step
-max_iters = 600
+max_iters = 400
 lr = 3e-3
 warmup_iters = 50
 weight_decay = 0.1

@@ -4,8 +4,8 @@ Everything is in this file: the configuration (next block), the data, the model,
 with lookahead-dist installed:
 
     python examples/torch/train.py                                    # the defaults below
-    python examples/torch/train.py --max_iters=200 --lookahead=False  # plain AdamW, to compare
-    python examples/torch/train.py --device=cuda --n_layer=6 --n_embd=384 --block_size=256
+    python examples/torch/train.py --lookahead=False                  # plain AdamW, to compare
+    python examples/torch/train.py --n_layer=6 --n_embd=384 --block_size=256 --max_iters=5000   # on a GPU
 
 Any name of the configuration block can be set with ``--name=value`` (value written as a Python literal).
 Every ``eval_interval`` iterations it reports the validation loss on the fast weights θ (what the inner
@@ -37,17 +37,17 @@ out_dir = "out/torch"
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # model
-block_size = 128  # context length in characters
-n_layer = 4
+block_size = 64  # context length in characters
+n_layer = 2
 n_head = 4
 n_embd = 128
 dropout = 0.0
 # optimisation
 batch_size = 32
-max_iters = 2000
+max_iters = 500
 lr = 2e-3
 min_lr = 2e-4
-warmup_iters = 100
+warmup_iters = 50
 weight_decay = 0.1
 grad_clip = 1.0
 # Lookahead: every k inner (AdamW) steps, φ ← φ + α(θ − φ) and θ ← φ
@@ -55,7 +55,7 @@ lookahead = True
 k = 5
 alpha = 0.5
 # evaluation
-eval_interval = 200
+eval_interval = 100
 eval_iters = 20
 # -----------------------------------------------------------------------------
 config = {name: value for name, value in globals().items() if not name.startswith("_") and
