@@ -18,6 +18,11 @@ DeepSpeed and loaded a checkpoint's optimizer state):
   collective, φ saved in each rank's ``*_optim_states.pt``;
 * FSDP through accelerate and tensor-parallel (DTensor) parameters: refused with an error.
 
+The DeepSpeed config's ``"lookahead"`` section: a callback created without Lookahead options takes its settings
+from it; with options too it raises. Without the callback nothing of this package runs inside the Trainer, and
+DeepSpeed ignores the unknown key without a word: the section alone does not turn Lookahead on, so always add the
+callback (the README says so where it documents the section).
+
 A Trainer callback is handed the model and the optimizer but not the Trainer, and three things need the
 Trainer: the DeepSpeed engine (``trainer.model_wrapped``), evaluation on the slow weights (the Trainer has
 no "evaluation starts" event, so :meth:`Trainer.evaluation_loop` is wrapped) and logging into the Trainer's

@@ -11,11 +11,13 @@ loop of the same AdamW and tests/reference.py's Algorithm 1 on the same full bat
   reports the loss at the reference φ (not at θ) and restores θ bit-exactly;
 * ZeRO: the collectives of every training step are the same with and without the callback;
 * ``again`` (one process, DDP): a second ``trainer.train()`` keeps the Lookahead and its state;
-* ``section`` (ZeRO-2): the DeepSpeed config's "lookahead" section is honoured; with callback options too it raises.
+* ``section`` (ZeRO-2): the DeepSpeed config's "lookahead" section is honoured; with callback options too it raises;
+* ``example`` (one process): examples/hf/run_clm.py trains a tiny GPT-2 with the callback on the offline WikiText-2.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -31,21 +33,26 @@ pytest.importorskip("accelerate")
 
 TOL = 1e-6  # float32 rounding of a different summation order (batch split, gradient averaging)
 MODES = {"single": 1, "ddp": 2, "zero2": 2, "zero3": 2}
+# One launch per world size: the 2-process modes run one after the other in one process group.
+LAUNCHES = {"single": ["single"], "two": ["ddp", "zero2", "zero3"]}
 _RUNS: dict[str, list[dict[str, Any]]] = {}
 
 
 def _runs(mode: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if mode.startswith("zero"):
+        pytest.importorskip("deepspeed")
     if mode not in _RUNS:
-        if mode.startswith("zero"):
-            pytest.importorskip("deepspeed")
-        out = tmp_path_factory.mktemp(f"hf_{mode}")
-        args = [str(out), mode]
+        group = next(group for group in LAUNCHES.values() if mode in group)
+        modes = [m for m in group if not m.startswith("zero") or importlib.util.find_spec("deepspeed")]
+        out = tmp_path_factory.mktemp("hf")
+        args = [str(out), ",".join(modes)]
         if MODES[mode] == 1:
             proc = run_module("tests.dist.hf_cases", args, timeout=300)
         else:
-            proc = run_torchrun("tests.dist.hf_cases", args, nproc=MODES[mode], timeout=300)
+            proc = run_torchrun("tests.dist.hf_cases", args, nproc=MODES[mode], timeout=400)
         assert proc.returncode == 0, proc.stdout[-6000:]
-        _RUNS[mode] = [torch.load(Path(out) / f"{mode}_rank{r}.pt", weights_only=False) for r in range(MODES[mode])]
+        for m in modes:
+            _RUNS[m] = [torch.load(Path(out) / f"{m}_rank{r}.pt", weights_only=False) for r in range(MODES[m])]
     return _RUNS[mode]
 
 
@@ -117,8 +124,9 @@ def test_evaluation_on_slow_weights(mode: str, runs: list[dict[str, Any]]) -> No
         at_phi, at_theta = eval_loss(phi), eval_loss(theta)
         assert abs(at_phi - at_theta) > 50 * TOL
         assert math.isclose(ev["eval_loss"], at_phi, rel_tol=0, abs_tol=TOL)
+        assert math.isclose(ev["eval_loss_fast"], at_theta, rel_tol=0, abs_tol=TOL)  # eval_weights="fast"
         evals = [entry for entry in ev["logs"] if "eval_loss" in entry]
-        assert [entry["step"] for entry in evals] == [2, 4, 6, 8, 8]
+        assert [entry["step"] for entry in evals] == [2, 4, 6, 8, 8, 8]  # during training, then 2 evaluate()
 
 
 @pytest.mark.dist
@@ -178,3 +186,15 @@ def test_options_are_validated_with_names() -> None:
     assert LookaheadTrainerCallback(**state["args"]).settings == cb.settings
     assert LookaheadTrainerCallback().state()["args"] == {"eval_weights": "slow", "log_distance": False,
                                                           "log_prefix": "lookahead/"}
+
+
+@pytest.mark.dist
+def test_run_clm_example(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """examples/hf/run_clm.py (run inside the one-process launch): trains with Lookahead, logs it, evaluates."""
+    example = _runs("single", tmp_path_factory)[0]["example"]
+    steps = [entry for entry in example["logs"] if "loss" in entry]
+    assert [entry["lookahead/syncs"] for entry in steps] == [0.0, 1.0, 1.0, 2.0]  # k=2, 4 steps
+    assert all(entry["lookahead/alpha"] == 0.5 for entry in steps)
+    loss = example["metrics"]["eval_loss"]
+    assert math.isfinite(loss) and loss < math.log(300) + 1  # a 300-token BPE: near-uniform after 4 steps
+    assert math.isclose(example["metrics"]["perplexity"], math.exp(loss), rel_tol=1e-9)

@@ -1,5 +1,5 @@
-"""Launched by tests/test_hf.py: ``python -m tests.dist.hf_cases OUT MODE`` with MODE single, or ddp | zero2 | zero3
-under ``torchrun --nproc_per_node 2``. Runs, in this process group, several ``transformers.Trainer`` trainings of
+"""Launched by tests/test_hf.py: ``python -m tests.dist.hf_cases OUT MODE[,MODE...]`` with MODE single, or
+ddp | zero2 | zero3 under ``torchrun --nproc_per_node 2`` (several modes run one after the other in one launch). Runs, in this process group, several ``transformers.Trainer`` trainings of
 tests/dist/hf_common.py's model with ``LookaheadTrainerCallback`` and writes ``OUT/MODE_rank{r}.pt``:
 
 * ``full``   STEPS steps, a checkpoint at SAVE_AT (mid-cycle); θ, φ, cycle counters, logs, collectives per step;
@@ -27,10 +27,11 @@ from tests.helpers import CollectiveLog
 warnings.filterwarnings("ignore")
 
 REPO = Path(__file__).resolve().parents[2]
-MODE = sys.argv[2]
+MODES = sys.argv[2].split(",")
+MODE = MODES[0]  # the mode being run (set by main)
 LOG = CollectiveLog()
 LOG.install(torch.distributed)  # before DeepSpeed is imported: it keeps references to these functions
-if MODE.startswith("zero"):
+if any(mode.startswith("zero") for mode in MODES):
     import deepspeed.comm
 
     LOG.install(deepspeed.comm, prefix="ds.")
@@ -152,10 +153,19 @@ def train(name: str, cb: LookaheadTrainerCallback | None, args: TrainingArgument
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
         after = record(trainer, cb)
         result["theta_after_eval"] = after["theta"]
+        assert cb is not None
+        cb.eval_weights = "fast"
+        result["eval_loss_fast"] = trainer.evaluate()["eval_loss"]
     return trainer, result
 
 
 def main() -> None:
+    global MODE
+    for MODE in MODES:
+        run_mode()
+
+
+def run_mode() -> None:
     results: dict[str, Any] = {}
     ds = default_ds()
     cb = LookaheadTrainerCallback(k=K, alpha=ALPHA)
@@ -181,7 +191,29 @@ def main() -> None:
             results["conflict"] = "no error"
         except LookaheadConfigError as e:
             results["conflict"] = str(e)
+    if MODE == "single":
+        results["example"] = run_example()
     torch.save(results, OUT / f"{MODE}_rank{RANK}.pt")
+
+
+def run_example() -> dict[str, Any]:
+    """examples/hf/run_clm.py, a few steps of a 1-layer GPT-2 from a config on the offline WikiText-2 copy."""
+    from examples.common.paths import data_dir
+    from examples.hf import run_clm
+
+    os.environ["LOOKAHEAD_CACHE_DIR"] = str(OUT / "cache")  # the trained BPE
+    wikitext = data_dir() / "wikitext-2"
+    out = OUT / "example"
+    metrics = run_clm.main([
+        "--model_type", "gpt2", "--config_overrides", "n_embd=32,n_layer=1,n_head=2", "--bpe_vocab_size", "300",
+        "--train_file", str(wikitext / "valid.txt"), "--validation_file", str(wikitext / "test.txt"),
+        "--block_size", "32", "--max_train_samples", "16", "--max_eval_samples", "8",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--max_steps", "4", "--logging_steps", "1",
+        "--lookahead_k", "2", "--lookahead_alpha", "0.5", "--use_cpu", "--save_strategy", "no", "--report_to", "none",
+        "--disable_tqdm", "true", "--output_dir", str(out),
+    ])  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {"metrics": metrics, "logs": state["log_history"]}
 
 
 if __name__ == "__main__":
