@@ -47,7 +47,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def hf_home(pytestconfig: pytest.Config) -> Iterator[Path]:
     """This session's temporary ``HF_HOME`` (Hugging Face offline, caches in it); fails if a test moved it."""
     root = pytestconfig.stash[_HF_ROOT]
-    expected = offline_hf_env(root)
+    guarded = ("HF_HOME", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    expected = {name: value for name, value in offline_hf_env(root).items() if name in guarded}
     yield root
     changed = {
         name: os.environ.get(name) for name, value in expected.items() if os.environ.get(name) != value
