@@ -326,17 +326,7 @@ class LookaheadTrainerCallback(TrainerCallback, ExportableState):
             )
         _refuse_dtensors(inner)
         # A resume has already loaded optimizer.pt into `inner`: φ and the counters are picked up as they are.
-        lookahead = Lookahead(inner, settings=self._resolve_settings(trainer))
-        holder.optimizer = lookahead
-        if getattr(holder, "scaler", None) is not None:
-            # fp16 with a GradScaler: accelerate swaps in a patched copy of the optimizer's step method around
-            # scaler.step to see whether the step ran; those copies were made from the torch optimizer's step
-            # and would bypass Lookahead, so make them again from Lookahead's.
-            from accelerate.optimizer import patch_optimizer_step
-
-            holder._optimizer_original_step_method = lookahead.step
-            holder._optimizer_patched_step_method = patch_optimizer_step(holder, lookahead.step)
-        self.lookahead = lookahead
+        self.lookahead = wrap_accelerated(holder, self._resolve_settings(trainer))
 
     # ------------------------------------------------------------------ evaluation on slow weights
     @contextmanager
@@ -403,6 +393,25 @@ class LookaheadTrainerCallback(TrainerCallback, ExportableState):
 
 
 # ---------------------------------------------------------------------------------------- helpers
+def wrap_accelerated(holder: Any, settings: LookaheadSettings) -> Lookahead:
+    """Replace the torch optimizer inside accelerate's ``AcceleratedOptimizer`` by ``Lookahead`` of it, in place.
+
+    Everything holding the ``AcceleratedOptimizer`` (the Trainer, its LR scheduler) keeps working: its
+    ``param_groups``/``state``/``state_dict`` now reach the inner optimizer through Lookahead.
+    """
+    lookahead = Lookahead(holder.optimizer, settings=settings)
+    holder.optimizer = lookahead
+    if getattr(holder, "scaler", None) is not None:
+        # fp16 with a GradScaler: around scaler.step accelerate swaps in a patched copy of the optimizer's step
+        # (to see whether the step ran); those copies were made from the torch optimizer's step and would
+        # bypass Lookahead, so make them again from Lookahead's.
+        from accelerate.optimizer import patch_optimizer_step
+
+        holder._optimizer_original_step_method = lookahead.step
+        holder._optimizer_patched_step_method = patch_optimizer_step(holder, lookahead.step)
+    return lookahead
+
+
 def _calling_trainer() -> Trainer:
     """The ``transformers.Trainer`` (or subclass) whose method is running this callback event."""
     frame = sys._getframe(1)

@@ -200,3 +200,48 @@ def test_run_clm_example(tmp_path_factory: pytest.TempPathFactory) -> None:
     loss = example["metrics"]["eval_loss"]
     assert math.isfinite(loss) and loss < math.log(300) + 1  # a 300-token BPE: near-uniform after 4 steps
     assert math.isclose(example["metrics"]["perplexity"], math.exp(loss), rel_tol=1e-9)
+
+
+def test_grad_scaler_steps_go_through_lookahead() -> None:
+    """fp16 on GPUs: accelerate steps through a GradScaler; every unskipped step must still be a Lookahead step.
+
+    Checked with a CPU GradScaler on accelerate's AcceleratedOptimizer directly (the Trainer uses no scaler on
+    CPU). Scales are powers of two, so the unscaled gradients are the plain ones and the result must equal the
+    reference loop; a step with an inf gradient is skipped by the scaler and must not count in the cycle.
+    """
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.state import AcceleratorState
+
+    from lookahead_dist.core.keys import COUNT_KEY, SLOW_KEY
+    from lookahead_dist.core.settings import LookaheadSettings
+    from lookahead_dist.transformers import wrap_accelerated
+    from tests.dist.hf_common import LR, WD, batch, make_model, train_set
+
+    x, y = batch(train_set())
+    theta_ref, phi_ref = reference(5, k=2, alpha=ALPHA)
+    model = make_model()
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    inner = torch.optim.AdamW([{"params": weights, "weight_decay": WD}, {"params": biases, "weight_decay": 0.0}],
+                              lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1000)
+    try:
+        Accelerator(cpu=True)  # accelerate's process state, which AcceleratedOptimizer reads
+        holder = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+        lookahead = wrap_accelerated(holder, LookaheadSettings(k=2, alpha=ALPHA))
+        for step in range(6):
+            holder.zero_grad()
+            loss = model(x, y)["loss"]
+            if step == 3:
+                loss = loss * float("inf")  # an overflow: the scaler skips this step
+            scaler.scale(loss).backward()
+            holder.step()
+            assert holder.step_was_skipped == (step == 3)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert lookahead.sync_count == 2  # 5 real steps, k=2
+    assert {st[COUNT_KEY] for st in lookahead.state.values()} == {1}
+    theta = [p.detach() for p in model.parameters()]
+    assert _max_dev(theta, theta_ref) < TOL
+    assert _max_dev([lookahead.state[p][SLOW_KEY] for p in model.parameters()], phi_ref) < TOL
