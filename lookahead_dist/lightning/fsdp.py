@@ -14,6 +14,10 @@ debugging and tests, not for speed; on GPUs use the stock ``FSDPStrategy`` with 
 ``use_orig_params=True`` (Lightning's default) is what LookaheadCallback supports: the optimizer then
 steps each parameter's local slice of the flat shard, so φ is shard-sized per rank.
 
+Evaluating after fit in the same Trainer (``trainer.test(model)``, as the examples do): the stock strategy wraps
+the LightningModule again, whose parameters are by then views of this rank's shard, and the forward fails
+(``'weight' must be 2-D`` in an embedding); this class reuses the wrapper fit created.
+
 Full checkpoints (``state_dict_type="full"``): Lightning gathers them with ``offload_to_cpu=True``, which
 on CPU parameters crashes inside FSDP's parameter hook; here the gather stays where the tensors are
 (they are on the CPU already), with the same rank-0-only output.
@@ -48,6 +52,12 @@ class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
+        root = getattr(self, "_fsdp_root", None)
+        if root is not None and root.module is model:
+            # trainer.test/validate/predict after fit hands back the LightningModule that fit wrapped: its
+            # parameters are now views of this rank's shard, and wrapping them again would flatten those
+            # views as if they were whole tensors. Reuse the wrapper (and its sharded parameters).
+            return root
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             # Wrapped in configure_model (through model_sharded_context, which passes the device below).
             return super()._setup_model(model)
@@ -63,10 +73,11 @@ class CPUFSDPStrategy(FSDPStrategy):
         # hide the auto-wrap policy so that it does not warn that the policy was ignored: it was applied.
         policy = self.kwargs.pop("auto_wrap_policy", None)
         try:
-            return super()._setup_model(wrapped)
+            self._fsdp_root = super()._setup_model(wrapped)
         finally:
             if policy is not None:
                 self.kwargs["auto_wrap_policy"] = policy
+        return self._fsdp_root
 
     @contextmanager
     @override

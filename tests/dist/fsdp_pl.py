@@ -9,6 +9,7 @@ of 4 rows per rank, validation after steps 4 and 8; the MLP of fsdp_common with 
     every inner step + sync (fsdp_common.Comms);
   * the validation losses (on φ) vs. the reference's φ at steps 4 and 8 (validation must not move training);
   * the logged ‖θ − φ‖ vs. the reference's;
+  * ``trainer.test`` after fit in the same Trainer: the test loss (on φ) vs. the reference's, θ unchanged;
   * resume: fit to step 4 (one step into a cycle), save, fit to 8 from the checkpoint in a new Trainer,
     from a sharded checkpoint and from a full one -> θ and φ bit-identical to the straight run.
 Rank 0 writes JSON.
@@ -55,10 +56,12 @@ class ShardedModule(LightningModule):
         self.net = make_net()
         self.fsdp2 = fsdp2
         self.val_losses: list[float] = []
+        self.test_losses: list[float] = []
         self.step_comms: list[Any] = []
 
     def configure_model(self) -> None:
-        if not self.fsdp2:
+        # Lightning calls this again for trainer.test after fit: shard once.
+        if not self.fsdp2 or isinstance(self.net[0].weight, DTensor):
             return
         from torch.distributed.fsdp import fully_shard
 
@@ -76,6 +79,10 @@ class ShardedModule(LightningModule):
         loss = nn.functional.mse_loss(self.net(x), y, reduction="sum")
         self.val_losses.append(float(loss))
         return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.test_losses.append(float(nn.functional.mse_loss(self.net(x), y, reduction="sum")))
 
     def val_dataloader(self) -> DataLoader:
         x, y = make_data()
@@ -178,6 +185,9 @@ def run_case(case: str, tmp: str) -> dict[str, Any]:
     theta, phi, phi_bytes = full_weights(trainer, module, callback, case)
     # Lightning's sharded checkpoint (a DCP folder) at step 8, for the consolidated-slow-weights test.
     trainer.save_checkpoint(os.path.join(tmp, f"{case}_final.ckpt"))
+    # trainer.test in the same Trainer after fit (on φ, like validation); θ must be unchanged afterwards.
+    trainer.test(module, dataloaders=module.val_dataloader(), verbose=False)
+    theta_after_test, _, _ = full_weights(trainer, module, callback, case)
     ref_theta, ref_phi = reference_run(STEPS, PER_RANK * world, "adamw")
     ref_theta4, ref_phi4 = reference_run(VAL_EVERY, PER_RANK * world, "adamw")
     expected_val = [val_loss(ref_phi4), val_loss(ref_phi)]
@@ -197,6 +207,8 @@ def run_case(case: str, tmp: str) -> dict[str, Any]:
         "strategy": type(trainer.strategy).__name__,
         "val": max(abs(a - b) for a, b in zip(module.val_losses, expected_val, strict=True)),
         "val_count": len(module.val_losses),
+        "test": abs(module.test_losses[0] - expected_val[1]) if module.test_losses else None,
+        "theta_after_test": max_abs_diff(theta_after_test, theta),
         "val_fast_gap": min(abs(a - b) for a, b in zip(expected_val, fast_val, strict=True)),
         "distance": abs(logged.get("lookahead/distance", float("nan")) - ref_distance),
         "syncs_done": callback.syncs_done,
