@@ -41,7 +41,7 @@ def launch(commands: list[list[str]], timeout: float) -> None:
         assert proc.returncode == 0, f"{proc.args} failed:\n{out[-6000:]}"
 
 
-def cases(tmp_path: Path, names: str, prefix: list[str], timeout: float = 400) -> dict:
+def cases(tmp_path: Path, names: str, prefix: list[str], timeout: float = 1200) -> dict:
     out = tmp_path / "results.json"
     launch([[*prefix, str(SCRIPT), "--work", str(tmp_path), "--out", str(out), "--cases", names]], timeout)
     return json.loads(out.read_text())
@@ -147,7 +147,7 @@ def test_two_processes_ddp_zero2_zero3_with_lookahead(tmp_path: Path) -> None:
         str(free_port()),
     ]
     res = cases(
-        tmp_path, "lm_ddp_la,lm_zero2_la,nmt_zero3_la,nmt_zero3_la+test,nmt_oracle_ddp", prefix, timeout=600
+        tmp_path, "lm_ddp_la,lm_zero2_la,nmt_zero3_la,nmt_zero3_la+test,nmt_oracle_ddp", prefix, timeout=1500
     )
     assert res["lm_ddp_la"]["strategy"] == "DDPStrategy"
     assert res["lm_zero2_la"]["strategy"] == res["nmt_zero3_la"]["strategy"] == "CPUDeepSpeedStrategy"
@@ -316,3 +316,14 @@ def test_standalone_test_from_a_checkpoint_evaluates_the_slow_weights(tmp_path: 
         tester.test(model, data, ckpt_path=path, verbose=False)
         assert model.seen and all(torch.equal(w, expected) for w in model.seen), eval_weights
         assert torch.equal(model.layer.weight.detach(), theta)  # θ is back after the test
+
+
+def test_progress_bar_names_the_step_bound_instead_of_epoch_minus_two() -> None:
+    from types import SimpleNamespace
+
+    from examples.common.cli import StepsRichProgressBar, _epoch_text, progress_bar
+
+    by_steps = SimpleNamespace(max_epochs=-1, current_epoch=0, max_steps=350)
+    assert _epoch_text(by_steps) == "Epoch 0 (max_steps 350)"  # Lightning's own bar says "Epoch 0/-2"
+    assert _epoch_text(SimpleNamespace(max_epochs=3, current_epoch=1, max_steps=-1)) == "Epoch 1/2"
+    assert isinstance(progress_bar(), StepsRichProgressBar)  # rich is installed here, as Lightning would pick

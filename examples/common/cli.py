@@ -21,12 +21,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -46,6 +46,8 @@ QUIET_WARNINGS = (
     # Lightning's advice for GPU data loading, meaningless for these small in-memory datasets on CPU
     r".*does not have many workers which may be a bottleneck.*",
     r".*The number of training batches .* is smaller than the logging interval.*",
+    # a resumed run continues in its own folder, so its checkpoint folder is not empty by design
+    r".*Checkpoint directory .* exists and is not empty.*",
     # Lightning's own use of a torch API it has not caught up with (once per run, nothing to do for a user)
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
@@ -117,7 +119,7 @@ def plan_run(root: Path, subcommand: str, ckpt_path: str | None) -> tuple[Path, 
     return next_folder(run if run is not None else root, subcommand), resolved, False
 
 
-class _AppendingWriter(_ExperimentWriter):
+class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued instead of deleted.
 
     Rows the earlier run logged after the step it is resumed from are dropped (they belong to a future
@@ -154,7 +156,7 @@ class AppendingCSVLogger(CSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> _ExperimentWriter:
+    def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
             _AppendingWriter.resume_step = self._resume_step

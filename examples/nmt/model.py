@@ -163,7 +163,15 @@ class TranslationModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
         hypotheses = self._decode(batch, self.hparams.num_beams)
+        self._hypotheses.extend(zip(batch["index"].tolist(), hypotheses))
         return [{"index": int(i), "translation": h} for i, h in zip(batch["index"], hypotheses)]
+
+    def on_predict_epoch_start(self) -> None:
+        self._hypotheses = []
+
+    def on_predict_epoch_end(self) -> None:
+        # predict cannot log metrics: the score goes to the console, the translations to a file
+        self._score("predict")
 
     def _decode(self, batch: dict[str, torch.Tensor], beams: int) -> list[str]:
         generated = self.translate(batch["input_ids"], batch["attention_mask"], beams)
@@ -202,21 +210,23 @@ class TranslationModule(L.LightningModule):
         if sorted(merged) != list(range(len(references))):
             raise RuntimeError(
                 f"{stage} decoded {len(merged)} of the {len(references)} {split} sentences; BLEU needs all of them "
-                f"(limit_{stage}_batches must be 1.0; cap the split with data.max_{'val' if stage == 'val' else 'test'}_pairs instead)."
+                f"(limit_{stage}_batches must be 1.0; cap the split with "
+                f"data.max_{'val' if stage == 'val' else 'test'}_pairs instead)."
             )
         hypotheses = [merged[i] for i in range(len(references))]
         score, signature = corpus_bleu(hypotheses, references)
-        # Every rank holds the same hypotheses and computes the same score: no reduction needed.
-        self.log(f"{stage}_bleu", score, prog_bar=True, sync_dist=False, rank_zero_only=False)
-        # Time since the process started: a shared machine stretches wall time, CPU time is what the run cost.
-        self.log(f"{stage}_wall_min", wall_seconds() / 60, sync_dist=False)
-        self.log(f"{stage}_cpu_min", cpu_seconds() / 60, sync_dist=False)
+        if stage != "predict":
+            # Every rank holds the same hypotheses and computes the same score: no reduction needed.
+            self.log(f"{stage}_bleu", score, prog_bar=True, sync_dist=False, rank_zero_only=False)
+            # Time since the process started: a shared machine stretches wall time, CPU time is what it cost.
+            self.log(f"{stage}_wall_min", wall_seconds() / 60, sync_dist=False)
+            self.log(f"{stage}_cpu_min", cpu_seconds() / 60, sync_dist=False)
         beams = self.hparams.val_num_beams if stage == "val" else self.hparams.num_beams
         rank_zero_info(
             f"{stage} BLEU {score:.2f} on {len(references)} {split} sentences at step {self.trainer.global_step} "
             f"({'greedy' if beams == 1 else f'beam {beams}'}; sacrebleu {signature})"
         )
-        if stage == "test" and self.trainer.is_global_zero:
+        if stage != "val" and self.trainer.is_global_zero:
             self._report(split, hypotheses, references)
 
     def _report(self, split: str, hypotheses: list[str], references: list[str]) -> None:
