@@ -19,8 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")
 
 import torch
