@@ -10,6 +10,7 @@ loop of the same AdamW and tests/reference.py's Algorithm 1 on the same full bat
 * ``eval``: evaluation every 2 steps on the slow weights leaves the trajectory bit-identical, ``trainer.evaluate()``
   reports the loss at the reference φ (not at θ) and restores θ bit-exactly;
 * ZeRO: the collectives of every training step are the same with and without the callback;
+* ``gas``: 2 accumulated micro-batches per optimizer step give the same result (k counts optimizer steps);
 * ``again`` (one process, DDP): a second ``trainer.train()`` keeps the Lookahead and its state;
 * ``section`` (ZeRO-2): the DeepSpeed config's "lookahead" section is honoured; with callback options too it raises;
 * ``example`` (one process): examples/hf/run_clm.py trains a tiny GPT-2 with the callback on the offline WikiText-2.
@@ -139,6 +140,17 @@ def test_collectives_unchanged_under_zero(mode: str, runs: list[dict[str, Any]])
         with_la, without = r["full"]["comm"], r["plain"]["comm"]
         assert len(with_la) == STEPS and all(with_la), "the log must see DeepSpeed's own collectives"
         assert with_la == without
+
+
+@pytest.mark.dist
+def test_gradient_accumulation_counts_optimizer_steps(mode: str, runs: list[dict[str, Any]]) -> None:
+    if mode == "zero3":
+        pytest.skip("accumulation is exercised for one process, DDP and ZeRO-2")
+    theta, phi = _reference()
+    for r in runs:
+        gas = r["gas"]
+        assert _max_dev(gas["theta"], theta) < TOL and _max_dev(gas["phi"], phi) < TOL
+        assert gas["syncs_done"] == STEPS // K and set(gas["counts"]) == {STEPS % K}
 
 
 @pytest.mark.dist

@@ -5,6 +5,7 @@ tests/dist/hf_common.py's model with ``LookaheadTrainerCallback`` and writes ``O
 * ``full``   STEPS steps, a checkpoint at SAVE_AT (mid-cycle); θ, φ, cycle counters, logs, collectives per step;
 * ``resume`` a new model and Trainer, ``train(resume_from_checkpoint=<full's checkpoint>)`` to STEPS;
 * ``eval``   like ``full`` with evaluation every 2 steps, then ``trainer.evaluate()`` (slow weights);
+* ``gas``    (not zero3) the same global batch as 2 accumulated micro-batches per optimizer step;
 * ``plain``  (ZeRO modes) no callback: the collectives per step without Lookahead;
 * ``again``  (single, ddp) ``trainer.train()`` twice on the same Trainer;
 * ``section``, ``conflict`` (zero2) the DeepSpeed config's "lookahead" section, without and with callback options.
@@ -175,6 +176,9 @@ def run_mode() -> None:
                                  resume=checkpoint)
     _, results["eval"] = train("eval", LookaheadTrainerCallback(k=K, alpha=ALPHA),
                                make_args("eval", ds=ds, eval_strategy="steps", eval_steps=2), evaluate=True)
+    if MODE != "zero3":  # k counts optimizer steps: 2 accumulated micro-batches are one step
+        _, results["gas"] = train("gas", LookaheadTrainerCallback(k=K, alpha=ALPHA), make_args(
+            "gas", ds=ds, per_device_train_batch_size=N_TRAIN // WORLD // 2, gradient_accumulation_steps=2))
     if MODE.startswith("zero"):
         _, results["plain"] = train("plain", None, make_args("plain", ds=ds))
     else:
