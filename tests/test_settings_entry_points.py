@@ -99,28 +99,30 @@ def test_callback_alpha_fallback_reaches_the_installed_lookahead() -> None:
     assert applied == {0.7: {0: 0.7}, None: {0: 0.2}}
 
 
-def test_callback_pullback_keys_reach_the_installed_lookahead() -> None:
+def test_callback_pullback_keys_reach_the_installed_lookahead(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("lightning")
+    import tests.reference
     from lookahead_dist import LookaheadCallback
     from tests.dist.pl_common import TinyModule, reference_run
     from tests.reference import max_abs_diff
 
-    # SGD with momentum keeps "momentum_buffer". pullback="pullback" interpolates it by default; with
-    # pullback_keys=["exp_avg"] (Adam's name) there is nothing to pull back, so training must follow the
-    # reference without pullback, and the default keys the reference with it. The two references differ.
+    # Adam keeps "exp_avg" and "exp_avg_sq". pullback="pullback" interpolates exp_avg by default; with
+    # pullback_keys=["exp_avg_sq"] it must interpolate the second moment instead. The reference loop pulls
+    # back the buffers named by its MOMENTUM_KEYS; the two references differ, so a dropped option shows.
     steps, k = 9, 3
     runs = {}
-    for keys in (["exp_avg"], None):
+    for keys in (["exp_avg_sq"], None):
         kwargs = {} if keys is None else {"pullback_keys": keys}
         callback = LookaheadCallback(k=k, alpha=0.5, pullback="pullback", **kwargs)
-        module = TinyModule(opt="sgd", lr=0.05)
+        module = TinyModule(opt="adam", lr=0.05)
         _fit(callback, module, steps)
         assert callback.wrappers[0].pullback_keys == (
-            ("exp_avg",) if keys else ("momentum_buffer", "exp_avg")
+            ("exp_avg_sq",) if keys else ("momentum_buffer", "exp_avg")
         )
         runs["custom" if keys else "default"] = list(module.net.parameters())
-    no_pullback, _, _ = reference_run(steps, 8, k, 0.5, opt="sgd", pullback="none")
-    pullback, _, _ = reference_run(steps, 8, k, 0.5, opt="sgd", pullback="pullback")
-    assert max_abs_diff(list(no_pullback.parameters()), list(pullback.parameters())) > 1e-3
-    assert max_abs_diff(runs["custom"], list(no_pullback.parameters())) < 1e-5
-    assert max_abs_diff(runs["default"], list(pullback.parameters())) < 1e-5
+    default, _, _ = reference_run(steps, 8, k, 0.5, opt="adam", pullback="pullback")
+    monkeypatch.setattr(tests.reference, "MOMENTUM_KEYS", ("exp_avg_sq",))
+    custom, _, _ = reference_run(steps, 8, k, 0.5, opt="adam", pullback="pullback")
+    assert max_abs_diff(list(default.parameters()), list(custom.parameters())) > 1e-3
+    assert max_abs_diff(runs["custom"], list(custom.parameters())) < 1e-5
+    assert max_abs_diff(runs["default"], list(default.parameters())) < 1e-5
