@@ -963,3 +963,33 @@ def test_load_state_dict_invalidates_the_cached_plan() -> None:
         opt.step()
     _, _, ref_model, _ = run_against_reference("adam", k, 0.5, 8)
     assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
+
+
+def test_flat_slow_weights_for_small_tensors_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The optional flat layout of φ for small CPU tensors (sync.FLAT_SMALL): same trajectory, and a
+    # non-finite tensor inside a flat run is still kept alone.
+    from lookahead_dist.core import sync
+
+    monkeypatch.setattr(sync, "FLAT_SMALL", True)
+    k = 3
+    model, ref_model = make_model(), make_model()
+    opt = Lookahead(INNERS["adam"](model.parameters()), k=k)
+    ref = ReferenceLookahead(INNERS["adam"](ref_model.parameters()), k, 0.5)
+    _poison_at(opt, {2 * k}, lambda: model.head.bias)
+    for step, batch in enumerate(make_batches(2 * k), start=1):
+        backward(model, batch)
+        if step == 2 * k:
+            phi_before = opt.state[model.head.bias][SLOW_KEY].clone()
+            with pytest.warns(RuntimeWarning, match=r"tensor 4 \(shape \(2,\)\)"):
+                opt.step()
+        else:
+            opt.step()
+        backward(ref_model, batch)
+        ref.step()
+    slow = [opt.state[p][SLOW_KEY] for p in (model.body.weight, model.body.bias, model.head.weight)]
+    bases = {s.untyped_storage().data_ptr() for s in slow}
+    assert len(bases) == 1  # really one flat buffer
+    for p, q in [(model.body.weight, ref_model.body.weight), (model.head.weight, ref_model.head.weight)]:
+        assert max_abs_diff([p, opt.state[p][SLOW_KEY]], [q, ref.slow[q]]) <= TOL
+    assert torch.equal(opt.state[model.head.bias][SLOW_KEY], phi_before)
+    assert torch.equal(model.head.bias.detach(), phi_before)

@@ -68,7 +68,7 @@ from .keys import (
     slow_key_for,
 )
 from .settings import AlphaSpec, LookaheadSettings, check_alpha, check_k
-from .sync import CHUNK, local, nonfinite_tensors, sync_
+from .sync import CHUNK, SyncPlan, local, make_slow, nonfinite_tensors, sync_
 
 __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "slow_key_for"]
 
@@ -214,6 +214,8 @@ class Lookahead(Optimizer):
         self._plan: _Plan | None = None
         self._keys_checked: tuple[str, ...] | None = None
 
+    _nonfinite_check = True
+
     # ------------------------------------------------------------------ settings
     # Read-only views of the settings; change them with ``opt.settings = opt.settings.replace(k=3)``,
     # which validates the new values.
@@ -356,7 +358,7 @@ class Lookahead(Optimizer):
         # φ₀ = θ before this step, inserted only after the inner step: torch Adam and DeepSpeedCPUAdam
         # initialise their own state only when a tensor's state is empty.
         fresh = [(gi, p) for gi, p in plan.fresh if p.grad is not None]
-        snapshots = [self._snapshot(p) for _, p in fresh]
+        snapshots = self._snapshots([p for _, p in fresh]) if fresh else []
 
         self.optimizer.step()
 
@@ -367,7 +369,9 @@ class Lookahead(Optimizer):
                 st[SLOW_KEY] = snap
                 st[COUNT_KEY] = 0
                 plan.tracked[gi].append((p, st))
+                plan.buckets.pop(gi, None)
             plan.fresh = [(gi, p) for gi, p in plan.fresh if p.grad is None]
+            plan.has_dtensor = plan.has_dtensor or any(_maybe_dtensor(p) for _, p in fresh)
         if self.pullback == "pullback" and self._keys_checked != self.pullback_keys:
             self._check_pullback_keys()
         if probe:
@@ -380,35 +384,45 @@ class Lookahead(Optimizer):
         due: dict[int, list[Tensor]] = {}
         for gi, entries in enumerate(plan.tracked):
             k = group_k[gi]
+            group_due: list[Tensor] | None = None
             for p, st in entries:
                 if p.grad is None:
                     continue
                 count = st.get(COUNT_KEY, 0) + 1
                 if count >= k:
-                    due.setdefault(gi, []).append(p)
-                elif defer:
+                    if group_due is None:
+                        group_due = due[gi] = []
+                    group_due.append(p)
+                    count = 0
+                if defer:
                     pending.append((st, count))
                 else:
                     st[COUNT_KEY] = count
+        if due and defer:
+            self._raise_if_nonfinite(due)
+        for st, count in pending:
+            st[COUNT_KEY] = count
         if due:
-            if defer:
-                self._raise_if_nonfinite(due)
-            for params in due.values():
-                for p in params:
-                    inner_state[p][COUNT_KEY] = 0
             self._sync(due)
             self._record_syncs(due)
             if self.pullback == "reset":
                 self._plan = None  # the synced tensors' state was cleared: they start fresh
-        for st, count in pending:
-            st[COUNT_KEY] = count
 
-    def _snapshot(self, p: Tensor) -> Tensor:
-        spare = self._spare.pop(p, None)
-        if spare is not None:
-            local(spare).copy_(local(p))
-            return spare
-        return p.detach().clone(memory_format=torch.preserve_format)
+    def _snapshots(self, params: list[Tensor]) -> list[Tensor]:
+        """φ₀ = θ for tensors about to get slow weights: the slow tensors released by a "reset" sync are
+        reused; new ones for small CPU tensors are views of one flat buffer (see ``sync.make_slow``)."""
+        out: list[Tensor | None] = []
+        new: list[int] = []
+        for i, p in enumerate(params):
+            spare = self._spare.pop(p, None)
+            if spare is not None:
+                local(spare).copy_(local(p))
+            else:
+                new.append(i)
+            out.append(spare)
+        for i, slow in zip(new, make_slow([params[i] for i in new])):
+            out[i] = slow
+        return out  # type: ignore[return-value]
 
     def _is_state_probe(self) -> bool:
         """Whether the coming inner step is torch's synthetic state initialisation (it never counts).
@@ -517,7 +531,9 @@ class Lookahead(Optimizer):
         state = self.optimizer.state
         # (param group, tensor, blocks kept, blocks) where θ was not finite.
         kept: list[tuple[int, Tensor, int, int]] = []
-        check = self.settings.nonfinite == "skip"  # "raise" checked everything before this call
+        # "raise" checked everything before this call. ``_nonfinite_check`` is a private switch for the
+        # benchmarks (they report the check's cost separately); it is not a supported setting.
+        check = self.settings.nonfinite == "skip" and self._nonfinite_check
         adaptive = check and any(self.param_groups[gi].get(GROUP_ALPHA, self.alpha) == "adaptive" for gi in due)
         if adaptive:
             # The line sums of adaptive α must not see NaN either: decide per whole tensor first.
@@ -530,33 +546,21 @@ class Lookahead(Optimizer):
                     kept.append((gi, p, 1, 1))
                 due[gi] = [p for i, p in enumerate(params) if i not in bad]
             check = False
-        buckets: dict[tuple[torch.device, torch.dtype, float], tuple[list[Tensor], list[Tensor], list[int]]] = {}
-        who: list[tuple[int, Tensor]] = []
         for gi, params in due.items():
             # Even with every tensor of the group skipped: under ZeRO/FSDP adaptive α reduces its sums
             # across processes, so every process must take part (no finite tensor: the fallback α).
             alpha = self._group_alpha(gi, params)
             # Kept in the group dict: ZeRO-1/2 shows the inner optimizer one group at a time.
             self.param_groups[gi][LAST_ALPHA] = alpha
-            for p in params:
-                fast = local(p)
-                bucket = buckets.get((fast.device, fast.dtype, alpha))
-                if bucket is None:
-                    bucket = buckets[(fast.device, fast.dtype, alpha)] = ([], [], [])
-                bucket[0].append(fast)
-                bucket[1].append(local(state[p][SLOW_KEY]))
-                bucket[2].append(len(who))
-                who.append((gi, p))
-        skipped: set[int] = set()
-        for (_, _, alpha), (fast_list, slow_list, ids) in buckets.items():
-            for i, blocks_kept, blocks in sync_(fast_list, slow_list, alpha, check=check):
-                gi, p = who[ids[i]]
-                kept.append((gi, p, blocks_kept, blocks))
-                skipped.add(ids[i])
-            if self.pullback == "pullback":
-                good = [who[j][1] for j in ids if j not in skipped]
-                if good:
-                    self._pull_back_buffers(good, alpha)
+            for members, runner in self._buckets(gi, params):
+                skipped: set[int] = set()
+                for i, blocks_kept, blocks in runner.run(alpha, check):
+                    kept.append((gi, members[i], blocks_kept, blocks))
+                    skipped.add(i)
+                if self.pullback == "pullback":
+                    good = [p for i, p in enumerate(members) if i not in skipped] if skipped else members
+                    if good:
+                        self._pull_back_buffers(good, alpha)
         if self.pullback == "reset":
             for gi, params in due.items():
                 for p in params:
@@ -570,6 +574,45 @@ class Lookahead(Optimizer):
                     st.clear()
         if kept:
             self._warn_kept(kept)
+
+    def _buckets(self, gi: int, params: list[Tensor]) -> list[tuple[list[Tensor], SyncPlan]]:
+        """``params`` of group ``gi`` by (device, dtype): (the params, how to sync them with their φ).
+
+        When the whole group syncs (the usual case) the grouping and the sync plans come from the cached
+        plan; φ is still looked up, and a plan is rebuilt if a φ object changed (e.g. a checkpoint load).
+        """
+        state = self.optimizer.state
+        plan = self._plan
+        if (
+            plan is not None
+            and not plan.has_dtensor
+            and gi < len(plan.tracked)
+            and len(params) == len(plan.tracked[gi])
+        ):
+            cached = plan.buckets.get(gi)
+            if cached is None:
+                by_key: dict[tuple[torch.device, torch.dtype], list[Any]] = {}
+                for p, st in plan.tracked[gi]:
+                    entry = by_key.setdefault((p.device, p.dtype), [[], [], None])
+                    entry[0].append(p)
+                    entry[1].append(st)
+                cached = plan.buckets[gi] = list(by_key.values())
+            out = []
+            for entry in cached:
+                fast, sts, runner = entry
+                slow = [st[SLOW_KEY] for st in sts]
+                if runner is None or not runner.valid(slow):
+                    runner = entry[2] = SyncPlan(fast, slow)
+                out.append((fast, runner))
+            return out
+        grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+        for p in params:
+            fast = local(p)
+            entry2 = grouped.setdefault((fast.device, fast.dtype), ([], [], []))
+            entry2[0].append(fast)
+            entry2[1].append(local(state[p][SLOW_KEY]))
+            entry2[2].append(p)
+        return [(members, SyncPlan(fast_list, slow_list)) for fast_list, slow_list, members in grouped.values()]
 
     def _warn_kept(self, kept: list[tuple[int, Tensor, int, int]]) -> None:
         parts = []
@@ -699,7 +742,7 @@ class _Plan:
     ``"reset"`` sync.
     """
 
-    __slots__ = ("fresh", "groups", "lens", "lists", "state", "tracked")
+    __slots__ = ("buckets", "fresh", "groups", "has_dtensor", "lens", "lists", "state", "tracked")
 
     def __init__(self, state: Any, groups: list[dict[str, Any]]) -> None:
         self.state = state
@@ -717,6 +760,9 @@ class _Plan:
                 else:
                     self.fresh.append((gi, p))
             self.tracked.append(entries)
+        # Per group, the tracked tensors by (device, dtype) for the sync; built at the first sync.
+        self.buckets: dict[int, list[list[Any]]] = {}
+        self.has_dtensor = any(_maybe_dtensor(p) for params in self.lists for p in params)
 
     def valid(self, state: Any, groups: list[dict[str, Any]]) -> bool:
         if state is not self.state or len(groups) != len(self.groups):
@@ -725,6 +771,11 @@ class _Plan:
             if group is not cached or group["params"] is not params or len(params) != n:
                 return False
         return True
+
+
+def _maybe_dtensor(p: Tensor) -> bool:
+    # Anything but a plain tensor/Parameter goes through sync.local() (DTensor -> its local shard).
+    return type(p) is not Tensor and type(p) is not torch.nn.Parameter
 
 
 def _is_buffer_like(value: Any, p: Tensor) -> bool:

@@ -32,23 +32,30 @@ so nothing in this module communicates.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BATCH", "CHUNK", "SyncReport", "local", "nonfinite_tensors", "sync_"]
+__all__ = ["BATCH", "CHUNK", "SMALL", "SyncPlan", "SyncReport", "local", "make_slow", "nonfinite_tensors", "sync_"]
 
 #: Elements per block for large CPU tensors (256 KiB of fp32 each for θ and φ: both fit in L2).
-CHUNK = 1 << 16
+CHUNK = 1 << 18
 #: Most elements per multi-tensor batch of small CPU tensors.
 BATCH = 1 << 17
+#: CPU tensors below this many elements are "small": their φ share flat buffers and they sync in batches
+#: (per-tensor dispatch dominates there); larger ones sync one by one, block by block.
+SMALL = 1 << 14
+#: Whether new φ of small CPU tensors share flat buffers (see :func:`make_slow`). Off: measured on the
+#: shared 2-core benchmark machine it was no faster than per-tensor batches (benchmarks/RESULTS.md), and
+#: separate φ tensors are simpler for every tool that reads the state. The sync still recognises flat φ.
+FLAT_SMALL = False
 
 #: (index into the lists, blocks kept, blocks in the tensor) for each tensor with a non-finite block.
 SyncReport = list[tuple[int, int, int]]
 
 _dtensor_cls: Any = None
-_scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 def _dtensor() -> type[Any] | None:
@@ -85,13 +92,22 @@ def _finite(block: Tensor) -> bool:
     return bool(torch.isfinite(block.sum()))
 
 
-def _scratch_for(like: Tensor, n: int) -> Tensor:
-    key = (like.device, like.dtype)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, BATCH), dtype=like.dtype, device=like.device)
-        _scratch[key] = buf
-    return buf[:n]
+def _any_nonfinite(tensors: list[Tensor]) -> bool:
+    """Whether any of these same-device floating tensors holds a NaN or an infinity.
+
+    torch's GradScaler kernel (multiplies by 1, exact, and raises a flag) loops over the list in C++ on
+    CPU and is one fused launch on CUDA: no Python-level operation per tensor.
+    """
+    like = tensors[0]
+    flag = torch.zeros(1, dtype=torch.float32, device=like.device)
+    one = _ONES.get(like.device)
+    if one is None:
+        one = _ONES[like.device] = torch.ones(1, dtype=torch.float32, device=like.device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, one)
+    return bool(flag.item())
+
+
+_ONES: dict[torch.device, Tensor] = {}
 
 
 def nonfinite_tensors(tensors: list[Tensor]) -> list[int]:
@@ -113,44 +129,178 @@ def sync_(fast: list[Tensor], slow: list[Tensor], alpha: float, *, check: bool =
     """
     if not fast:
         return []
-    if fast[0].device.type == "cpu":
-        return _sync_cpu(fast, slow, alpha, check)
-    return _sync_foreach(fast, slow, alpha, check)
+    return SyncPlan(fast, slow).run(alpha, check)
 
 
-def _sync_cpu(fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool) -> SyncReport:
-    report: SyncReport = []
-    batch: list[int] = []
-    batch_elems = 0
-    for i, (f, s) in enumerate(zip(fast, slow)):
-        n = f.numel()
-        if n >= CHUNK and f.is_contiguous() and s.is_contiguous():
-            kept = _sync_blocks(f.view(-1), s.view(-1), alpha, check)
-            if kept:
-                report.append((i, kept, -(-n // CHUNK)))
+def make_slow(params: list[Tensor]) -> list[Tensor]:
+    """φ₀ = θ for each tensor: copies with the tensor's layout.
+
+    Small contiguous CPU tensors of one dtype get views into one flat buffer (in list order), which
+    lets their sync run as a few operations on flat memory instead of several per tensor.
+    """
+    out: list[Tensor | None] = [None] * len(params)
+    small: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        if FLAT_SMALL and p.device.type == "cpu" and p.numel() < SMALL and p.is_contiguous() and type(p) in _PLAIN:
+            small.setdefault(p.dtype, []).append(i)
+        else:
+            out[i] = p.detach().clone(memory_format=torch.preserve_format)
+    for dtype, idx in small.items():
+        if len(idx) == 1:
+            out[idx[0]] = params[idx[0]].detach().clone()
             continue
-        batch.append(i)
-        batch_elems += n
-        if batch_elems >= BATCH:
-            _sync_batch(fast, slow, batch, batch_elems, alpha, check, report)
-            batch, batch_elems = [], 0
-    if batch:
-        _sync_batch(fast, slow, batch, batch_elems, alpha, check, report)
-    return report
+        flat = torch.empty(sum(params[i].numel() for i in idx), dtype=dtype)
+        offset = 0
+        for i in idx:
+            p = params[i]
+            view = flat[offset : offset + p.numel()].view(p.shape)
+            view.copy_(p.detach())
+            out[i] = view
+            offset += p.numel()
+    return out  # type: ignore[return-value]
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+class _FlatRun:
+    """Small tensors whose φ are consecutive views of one flat buffer: synced with flat operations.
+
+    θ is gathered into a scratch buffer of the run's size (one multi-tensor copy), checked and lerped
+    flat, and φ scattered back into θ (one multi-tensor copy): two multi-tensor operations per run
+    instead of a lerp, a copy and a check per tensor.
+    """
+
+    __slots__ = ("fast", "idx", "scratch", "scratch_views", "slow", "slow_flat")
+
+    def __init__(self, idx: list[int], fast: list[Tensor], slow: list[Tensor], slow_flat: Tensor) -> None:
+        self.idx = idx
+        self.fast = fast
+        self.slow = slow
+        self.slow_flat = slow_flat
+        self.scratch = torch.empty_like(slow_flat)
+        self.scratch_views = []
+        offset = 0
+        for t in fast:
+            self.scratch_views.append(self.scratch[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+
+    def run(self, alpha: float, check: bool, report: SyncReport) -> None:
+        torch._foreach_copy_(self.scratch_views, self.fast)  # gather θ
+        if check and not _finite(self.scratch):  # rare: find the tensors, as a plain batch
+            inner: SyncReport = []
+            _sync_batch(self.fast, self.slow, list(range(len(self.fast))), alpha, check, inner)
+            report.extend((self.idx[i], kept, blocks) for i, kept, blocks in inner)
+            return
+        self.slow_flat.lerp_(self.scratch, alpha)
+        torch._foreach_copy_(self.fast, self.slow)  # θ ← φ
+
+
+class SyncPlan:
+    """How one list of (fast, slow) pairs is synced: built once, reused while the φ objects are the same.
+
+    CPU: large tensors block by block, runs of small tensors with flat φ as :class:`_FlatRun`, other small
+    tensors in multi-tensor batches. Other devices: the multi-tensor kernels on the whole list.
+    """
+
+    __slots__ = ("fast", "items", "slow")
+
+    def __init__(self, fast: list[Tensor], slow: list[Tensor]) -> None:
+        self.fast = fast
+        self.slow = slow
+        self.items: list[tuple[str, Any]] = []
+        if fast[0].device.type != "cpu":
+            self.items.append(("foreach", None))
+            return
+        pending: list[int] = []
+        elems = 0
+        for i, (f, s) in enumerate(zip(fast, slow)):
+            n = f.numel()
+            if n >= SMALL and f.is_contiguous() and s.is_contiguous():
+                self.items.append(("large", i))
+                continue
+            pending.append(i)
+            elems += n
+            if elems >= BATCH:
+                self._add_small(pending)
+                pending, elems = [], 0
+        if pending:
+            self._add_small(pending)
+
+    def _add_small(self, idx: list[int]) -> None:
+        # Split into maximal runs whose φ follow each other in one storage.
+        runs: list[list[int]] = []
+        for i in idx:
+            s = self.slow[i]
+            if runs and _follows(self.slow[runs[-1][-1]], s):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        loose: list[int] = []
+        for run in runs:
+            if len(run) < 2:
+                loose.extend(run)
+                continue
+            head = self.slow[run[0]]
+            total = sum(self.slow[i].numel() for i in run)
+            flat = head.new_empty(0).set_(head.untyped_storage(), head.storage_offset(), (total,), (1,))
+            self.items.append(
+                ("flat", _FlatRun(run, [self.fast[i] for i in run], [self.slow[i] for i in run], flat))
+            )
+        if loose:
+            self.items.append(("batch", loose))
+
+    def valid(self, slow: list[Tensor]) -> bool:
+        return len(slow) == len(self.slow) and all(map(operator.is_, slow, self.slow))
+
+    def run(self, alpha: float, check: bool) -> SyncReport:
+        report: SyncReport = []
+        fast, slow = self.fast, self.slow
+        for kind, what in self.items:
+            if kind == "large":
+                f = fast[what]
+                n = f.numel()
+                kept = _sync_blocks(f.view(-1), slow[what].view(-1), alpha, check)
+                if kept:
+                    report.append((what, kept, -(-n // CHUNK)))
+            elif kind == "flat":
+                what.run(alpha, check, report)
+            elif kind == "batch":
+                _sync_batch(fast, slow, what, alpha, check, report)
+            else:
+                report.extend(_sync_foreach(fast, slow, alpha, check))
+        return report
+
+
+def _follows(prev: Tensor, s: Tensor) -> bool:
+    return (
+        s.is_contiguous()
+        and prev.is_contiguous()
+        and s.dtype == prev.dtype
+        and s.untyped_storage().data_ptr() == prev.untyped_storage().data_ptr()
+        and s.storage_offset() == prev.storage_offset() + prev.numel()
+    )
 
 
 def _sync_blocks(f: Tensor, s: Tensor, alpha: float, check: bool) -> int:
-    kept = 0
+    """One large tensor, block by block; returns the number of blocks kept for non-finite θ.
+
+    Per block: φ_new = lerp(φ, θ, α) is written into θ first (φ still holds φ_old), checked while it is
+    in cache, then copied into φ; a non-finite block gets θ ← φ_old instead. The check thus reads cached
+    data, not memory, and φ_new is the same number as ``φ.lerp_(θ, α)``. (φ_new is non-finite exactly
+    where θ is, for a finite φ; a finite θ whose lerp overflows would be kept too.)
+    """
     n = f.numel()
+    kept = 0
     for start in range(0, n, CHUNK):
-        fb = f[start : start + CHUNK]
-        sb = s[start : start + CHUNK]
+        fb = f[start : start + CHUNK] if n > CHUNK else f
+        sb = s[start : start + CHUNK] if n > CHUNK else s
+        torch.lerp(sb, fb, alpha, out=fb)
         if check and not _finite(fb):
             fb.copy_(sb)
             kept += 1
             continue
-        sb.lerp_(fb, alpha)
-        fb.copy_(sb)
+        sb.copy_(fb)
     return kept
 
 
@@ -158,26 +308,21 @@ def _sync_batch(
     fast: list[Tensor],
     slow: list[Tensor],
     idx: list[int],
-    elems: int,
     alpha: float,
     check: bool,
     report: SyncReport,
 ) -> None:
     fs = [fast[i] for i in idx]
     ss = [slow[i] for i in idx]
-    if check and elems:
-        # One flat reduction for the whole batch (cat is a single kernel over the list); only a batch
-        # that fails is inspected tensor by tensor.
-        flat = _scratch_for(fs[0], elems) if all(t.dtype == fs[0].dtype for t in fs) else None
-        ok = _finite(torch.cat([t.reshape(-1) for t in fs], out=flat)) if flat is not None else False
-        if not ok:
-            bad = set(nonfinite_tensors(fs))
-            if bad:
-                for j in sorted(bad):
-                    fs[j].copy_(ss[j])
-                    report.append((idx[j], 1, 1))
-                fs = [t for j, t in enumerate(fs) if j not in bad]
-                ss = [t for j, t in enumerate(ss) if j not in bad]
+    # One multi-tensor check for the whole batch; only a batch that fails is inspected tensor by tensor.
+    if check and _any_nonfinite(fs):
+        bad = set(nonfinite_tensors(fs))
+        if bad:
+            for j in sorted(bad):
+                fs[j].copy_(ss[j])
+                report.append((idx[j], 1, 1))
+            fs = [t for j, t in enumerate(fs) if j not in bad]
+            ss = [t for j, t in enumerate(ss) if j not in bad]
     if fs:
         torch._foreach_lerp_(ss, fs, alpha)
         torch._foreach_copy_(fs, ss)
@@ -185,7 +330,7 @@ def _sync_batch(
 
 def _sync_foreach(fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool) -> SyncReport:
     report: SyncReport = []
-    if check:
+    if check and _any_nonfinite(fast):
         bad = set(nonfinite_tensors(fast))
         if bad:
             for j in sorted(bad):
