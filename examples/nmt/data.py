@@ -283,6 +283,7 @@ class TranslationDataModule(L.LightningDataModule):
         """Token ids (labels with -100 or generated ids) back to text, special tokens dropped."""
         assert self.tokenizer is not None
         rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return self.tokenizer.decode_batch(
+        texts = self.tokenizer.decode_batch(
             [[i for i in row if i >= 0] for row in rows], skip_special_tokens=True
         )
+        return [text.strip() for text in texts]  # byte-level BPE keeps the space of a word-initial token

@@ -246,7 +246,7 @@ class TranslationModule(L.LightningModule):
             return
         # Evenly spread over the split (its order is the file's, and Tatoeba is sorted by length).
         picks = sorted({round(i * (len(sources) - 1) / max(n - 1, 1)) for i in range(n)})
-        lines = [f"{n} {split} translations :"]
+        lines = [f"{n} {split} translations (source, reference, model):"]
         for i in picks:
             lines += [
                 f"  source:      {sources[i]}",
