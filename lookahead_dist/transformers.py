@@ -43,8 +43,14 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import ExportableState
+except ImportError as _error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "lookahead_dist.transformers needs transformers and accelerate: pip install 'lookahead-dist[hf]'"
+    ) from _error
 
 from ._versions import check_versions
 from .core.keys import CONFIG_KEY, EVAL_WEIGHTS
