@@ -152,6 +152,12 @@ def test_fsdp2_adaptive_alpha_sums_over_shards(fsdp2: tuple) -> None:
     res = fsdp2[0]["adaptive"]
     # The same α as one process stepping the full tensors, so the shard sums were added up (once).
     assert res["alpha"] < 1e-6 and res["theta"] < TOL and res["phi"] < TOL, res
+    ref_sums = res["ref_sums"]
+    assert len(ref_sums) == STEPS // K and any(abs(x) > 1e-6 for row in ref_sums for x in row)
+    for rank_sums in res["sums"]:  # the global sums on every rank, not this rank's shard's
+        assert len(rank_sums) == len(ref_sums)
+        for got, want in zip(rank_sums, ref_sums):
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
     for rank in res["in_step"]:
         # One small all_reduce at each sync (steps 3 and 6), nothing on the other steps.
         assert [i for i, log in enumerate(rank) if log] == [K - 1, 2 * K - 1]

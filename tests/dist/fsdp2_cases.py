@@ -261,27 +261,43 @@ def case_mixed_precision() -> dict[str, Any]:
 def case_adaptive() -> dict[str, Any]:
     """alpha="adaptive": the α of every sync and the trajectory vs. one process stepping the full tensors."""
     from lookahead_dist import Lookahead
+    from lookahead_dist.core import adaptive
     from tests.dist.fsdp_common import global_batch
 
-    world = dist.get_world_size()
-    net = sharded_net()
-    opt = la_fsdp.wrap(make_inner(net.parameters(), "adamw"), k=K, alpha="adaptive")
-    logs = train(net, opt, 0, STEPS)
-    theta, phi = theta_phi(net, opt)
-    alphas = opt.last_alpha
-    ref_net = make_net()
-    ref = Lookahead(make_inner(ref_net.parameters(), "adamw"), k=K, alpha="adaptive")
-    for step in range(STEPS):
-        ref.zero_grad()
-        x, y = global_batch(step, PER_RANK * world)
-        nn.functional.mse_loss(ref_net(x), y).backward()
-        ref.step()
+    # α is clipped to its bounds on most syncs of so short a run, so the sums it is computed from are
+    # compared too: recorded where the rule receives them (after the reduce_fn, if any).
+    sums: list[tuple[float, float, float]] = []
+    original = adaptive.alpha_from_sums
+
+    def recording(h, with_history, dd, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sums.append((h, with_history, dd))
+        return original(h, with_history, dd, *args, **kwargs)
+
+    adaptive.alpha_from_sums = recording
+    try:
+        world = dist.get_world_size()
+        net = sharded_net()
+        opt = la_fsdp.wrap(make_inner(net.parameters(), "adamw"), k=K, alpha="adaptive")
+        logs = train(net, opt, 0, STEPS)
+        theta, phi = theta_phi(net, opt)
+        alphas, sharded_sums = opt.last_alpha, list(sums)
+        sums.clear()
+        ref_net = make_net()
+        ref = Lookahead(make_inner(ref_net.parameters(), "adamw"), k=K, alpha="adaptive")
+        for step in range(STEPS):
+            ref.zero_grad()
+            x, y = global_batch(step, PER_RANK * world)
+            nn.functional.mse_loss(ref_net(x), y).backward()
+            ref.step()
+    finally:
+        adaptive.alpha_from_sums = original
     params = list(ref_net.parameters())
     return {
         "theta": max_abs_diff(theta, [p.detach() for p in params]),
         "phi": max_abs_diff(phi, [ref.state[p][SLOW_KEY] for p in params]),
         "alpha": abs(alphas[0] - ref.last_alpha[0]),
-        "alpha_value": alphas[0],
+        "sums": gather_per_rank(sharded_sums),
+        "ref_sums": list(sums),
         "in_step": gather_per_rank(logs["in_step"]),
     }
 
