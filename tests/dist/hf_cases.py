@@ -78,7 +78,7 @@ class StepCollectives(TrainerCallback):
 
 
 def ds_config(stage: int, section: dict | None = None) -> dict:
-    config = json.loads((REPO / "configs" / f"hf_zero{stage}.json").read_text())
+    config = json.loads((REPO / "configs" / "hf" / f"zero{stage}.json").read_text())
     if stage == 3:
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     if section is not None:
