@@ -294,10 +294,15 @@ def test_unsupported_strategies_are_refused_with_what_works() -> None:
     # Lightning itself refuses FSDP on CPU at Trainer(...), so the check is called as Trainer.fit calls it.
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    for strategy in (FSDPStrategy(), ModelParallelStrategy()):
-        message = _strategy_error(strategy)
-        assert type(strategy).__name__ in message
-        assert "DDP" in message and "DeepSpeed" in message and "single device" in message
+    class PipelineStrategy:  # any strategy the callback does not know
+        pass
+
+    message = _strategy_error(PipelineStrategy())
+    assert "PipelineStrategy" in message
+    assert "DDP" in message and "DeepSpeed" in message and "single device" in message and "FSDP" in message
+    # FSDP1 with flat parameters (use_orig_params=False) is refused with the fix; FSDP2 is served.
+    assert "use_orig_params" in _strategy_error(FSDPStrategy(use_orig_params=False))
+    LookaheadCallback().setup(SimpleNamespace(strategy=ModelParallelStrategy()), None, "fit")  # type: ignore[arg-type]
 
 
 def test_deepspeed_config_with_lookahead_section_and_callback_is_refused() -> None:
