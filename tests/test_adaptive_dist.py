@@ -33,7 +33,7 @@ def _case(results: dict, name: str) -> dict:
 @pytest.mark.parametrize("stage", STAGES)
 def test_sharded_alpha_equals_single_process_alpha(results: dict, stage: str) -> None:
     case = _case(results, stage)
-    ref = case["ref_alphas"]  # (group lr, α applied, unclipped α) per sync and group
+    ref = case["ref_alphas"]  # (group lr, α applied, global sum h of the rule) per sync and group
     assert len(ref) == len(SYNC_STEPS) * GROUPS
     for rank_alphas in case["alphas"]:
         assert [lr for lr, _, _ in rank_alphas] == [lr for lr, _, _ in ref]
@@ -43,9 +43,11 @@ def test_sharded_alpha_equals_single_process_alpha(results: dict, stage: str) ->
             assert 0.05 <= applied <= 1.0
     # Every rank applied the same α (they derive it from the same all-reduced sums).
     assert case["alphas"][0] == case["alphas"][1]
-    # The comparison covers estimates below, above and far from the bounds, not only clipped values.
+    # The comparison covers real estimates: the global sum h (compared above to 1e-6) is non-zero after the
+    # first sync of each group, which has no history (h = 0, the fallback α). The targets here are noise,
+    # so the rule keeps α at the lower bound; its values inside the bounds are checked in tests/test_adaptive.py.
     raws = [raw for _, _, raw in ref]
-    assert min(raws) < 0.05 and max(raws) > 1.0 and any(0.05 < r < 1.0 or 1.0 < r < 3.0 for r in raws)
+    assert raws[:GROUPS] == [0.0] * GROUPS and all(r != 0.0 for r in raws[GROUPS:])
 
 
 @pytest.mark.dist
@@ -57,7 +59,7 @@ def test_collectives_fixed_adds_none_adaptive_adds_one_per_group_per_sync(result
     assert case["extra_fixed"] == [[]] * steps and case["missing_fixed"] == [[]] * steps
     assert case["missing_adaptive"] == [[]] * steps
     for step, extra in enumerate(case["extra_adaptive"]):
-        assert extra == ([[["all_reduce", 2], GROUPS]] if step in SYNC_STEPS else []), step
+        assert extra == ([[["all_reduce", 3], GROUPS]] if step in SYNC_STEPS else []), step
 
 
 @pytest.mark.dist

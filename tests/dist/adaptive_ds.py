@@ -39,7 +39,7 @@ COMM.install(tdist)
 from lookahead_dist import Lookahead
 from lookahead_dist.core import adaptive
 
-ALPHA_LOG: list[tuple[float, float, float]] = []  # (group lr, α applied, unclipped 1 + gᵀd/dᵀAd) per sync
+ALPHA_LOG: list[tuple[float, float, float]] = []  # (group lr, α applied, global h = Σ d·d_prev − carry) per sync
 _original_adaptive_alpha = adaptive.adaptive_alpha
 
 
@@ -57,8 +57,7 @@ def _recording_adaptive_alpha(params, state, group, *, reduce_fn=None, **kwargs)
             sums.append(t.clone())
 
     alpha = _original_adaptive_alpha(params, state, group, reduce_fn=recording_reduce, **kwargs)
-    grad_dot_d, d_a_d = sums[0].tolist()
-    ALPHA_LOG.append((float(group["lr"]), alpha, 1.0 + grad_dot_d / d_a_d))
+    ALPHA_LOG.append((float(group["lr"]), alpha, float(sums[0][0])))
     return alpha
 
 
