@@ -11,6 +11,10 @@ B. "run it again": ``lookahead_dist.deepspeed.load_checkpoint(engine, CKPT, fall
 C. the resume again: from ``global_step8`` (complete) to 12, where rank 1 is SIGKILLed inside its write of the
    ``lookahead_dist.deepspeed.save_checkpoint`` at 12: ``latest`` must still name ``global_step8``.
 
+Lightning (D, E): Trainer + CPUDeepSpeedStrategy (ZeRO-2) + LookaheadCallback (k=3) under torchrun; rank 1 is SIGKILLed
+after step 6 (a checkpoint was saved at step 4); ``fit(ckpt_path=step4.ckpt)`` with a sampler started at batch 4
+resumes: steps 5..6 bit-identical to the killed run, all 8 steps equal to the reference.
+
 Checked: the survivors (and torchrun) exit within a bound after each kill (times printed with ``-s``); B's steps
 5..8 are bit-identical to A's (A ran them uninterrupted after saving step 4), C's steps 9..10 bit-identical to
 B's; every recorded step matches an independent single-process reference (tests/reference.py) to 1e-6.
@@ -194,3 +198,52 @@ def test_resolve_load_tag_refuses_incomplete_tag(tmp_path: Path) -> None:
         resolve_load_tag(root)
     with pytest.warns(RuntimeWarning, match="loading the last complete tag 'global_step4'"):
         assert resolve_load_tag(root, fallback=True) == "global_step4"
+
+
+# ====================================================================== Lightning
+@pytest.fixture(scope="module")
+def pl_faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Lightning D: 8 steps, save at 4, rank 1 SIGKILLed after step 6; E: the same with fit(ckpt_path=step4)."""
+    pytest.importorskip("lightning")
+    root = tmp_path_factory.mktemp("pl_faults")
+    out, ckpt = root / "out", root / "ckpt"
+    out.mkdir()
+    runs: dict[str, Any] = {}
+    for name, args in (("D", ["--save-at", "4", "--kill-after", "6"]), ("E", ["--resume-from", "4"])):
+        done = run_torchrun("tests.dist.faults_pl", [str(out), str(ckpt), name, *args], timeout=240)
+        end = time.time()
+        ranks = [
+            {r["step"]: r for r in map(json.loads, (out / f"{name}_rank{rank}.jsonl").read_text().splitlines())}
+            for rank in (0, 1)
+        ]
+        killed, survivor = out / f"{name}_killed", out / f"{name}_rank0_error"
+        runs[name] = {"rc": done.returncode, "output": done.stdout, "end": end, "ranks": ranks,
+                      "killed": json.loads(killed.read_text()) if killed.is_file() else None,
+                      "survivor": json.loads(survivor.read_text()) if survivor.is_file() else None}  # fmt: skip
+    d = runs["D"]
+    assert d["killed"] is not None, d["output"][-3000:]
+    d["exit_s"] = d["end"] - d["killed"]["time"]
+    seen = None if d["survivor"] is None else round(d["survivor"]["time"] - d["killed"]["time"], 2)
+    print(f"\n[faults] Lightning run D: rank 1 killed {d['killed']['where']}; rank 0 saw the failure after {seen} s; "
+          f"all processes ended {d['exit_s']:.2f} s after the kill")  # fmt: skip
+    return runs
+
+
+def test_lightning_kill_mid_training_and_resume(pl_faults: dict) -> None:
+    from tests.dist.pl_common import reference_run
+
+    d, e = pl_faults["D"], pl_faults["E"]
+    assert d["rc"] != 0 and d["killed"] is not None and d["exit_s"] < EXIT_BOUND_S
+    assert e["rc"] == 0, e["output"][-3000:]
+    for rank in (0, 1):
+        assert sorted(d["ranks"][rank]) == [1, 2, 3, 4, 5, 6]
+        assert sorted(e["ranks"][rank]) == [5, 6, 7, 8]
+        for step in (5, 6):  # resumed from the step-4 checkpoint: bit-identical to the run that was killed
+            assert e["ranks"][rank][step] == d["ranks"][rank][step], (rank, step)
+    names = list(d["ranks"][0][1]["theta"])
+    for step in range(1, 9):
+        net, _, _ = reference_run(step, 8, 3, 0.5)  # 2 ranks x 4 rows, k=3, alpha=0.5, Adam
+        record = (d if step <= 6 else e)["ranks"][0][step]
+        for name, ref in zip(names, net.parameters()):
+            diff = (torch.tensor(record["theta"][name]) - ref.detach().flatten()).abs().max().item()
+            assert diff <= 1e-6, (step, name, diff)
