@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -46,6 +47,8 @@ QUIET_WARNINGS = (
     # Lightning's advice for GPU data loading, meaningless for these small in-memory datasets on CPU
     r".*does not have many workers which may be a bottleneck.*",
     r".*The number of training batches .* is smaller than the logging interval.*",
+    # evaluation under DDP/DeepSpeed: the NMT example scores each sentence once anyway (it gathers by index)
+    r".*Using `DistributedSampler` with the dataloaders.*",
     # a resumed run continues in its own folder, so its checkpoint folder is not empty by design
     r".*Checkpoint directory .* exists and is not empty.*",
     # Lightning's own use of a torch API it has not caught up with (once per run, nothing to do for a user)
@@ -259,7 +262,13 @@ class ExampleCLI(LightningCLI):
         if trainer_config.get("enable_progress_bar") is False:
             callbacks = [cb for cb in callbacks if not isinstance(cb, (RichProgressBar, TQDMProgressBar))]
         self.trainer_defaults["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        config = getattr(trainer.strategy, "config", None)
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and isinstance(config, dict):
+            # Lightning's DeepSpeed evaluation (test after fit, test/validate/predict --ckpt_path) reads this
+            # key unconditionally; a user's JSON rarely has it. DeepSpeed's own default, so training is unchanged.
+            config.setdefault("zero_allow_untested_optimizer", False)
+        return trainer
 
     def before_fit(self) -> None:
         rank_zero_info(f"run folder: {self.run_dir}")

@@ -226,12 +226,13 @@ class TranslationModule(L.LightningModule):
             f"{stage} BLEU {score:.2f} on {len(references)} {split} sentences at step {self.trainer.global_step} "
             f"({'greedy' if beams == 1 else f'beam {beams}'}; sacrebleu {signature})"
         )
-        if stage != "val" and self.trainer.is_global_zero:
-            self._report(split, hypotheses, references)
+        if stage != "val":
+            log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank must ask
+            if self.trainer.is_global_zero:
+                self._report(split, hypotheses, references, log_dir)
 
-    def _report(self, split: str, hypotheses: list[str], references: list[str]) -> None:
+    def _report(self, split: str, hypotheses: list[str], references: list[str], log_dir: str | None) -> None:
         sources = self.trainer.datamodule.sources(split)
-        log_dir = self.trainer.log_dir
         if log_dir:
             path = Path(log_dir) / f"{split}_translations.tsv"
             with open(path, "w") as f:
