@@ -3,9 +3,13 @@
     python -m lookahead_dist.checkpoint check CKPT_DIR [--tag TAG]
     python -m lookahead_dist.checkpoint to-universal CKPT_DIR [--tag TAG] [--output-dir DIR]
     python -m lookahead_dist.checkpoint slow-weights CKPT_DIR|LIGHTNING.ckpt OUT.pt|OUT.safetensors [--tag TAG]
+    python -m lookahead_dist.checkpoint slow-weights-dcp CKPT_DIR OUT
 
 The DeepSpeed tools (completeness checks, universal checkpoints, consolidated slow weights) and the Lightning
-``.ckpt`` reader live in :mod:`lookahead_dist.deepspeed.checkpoint`; their names are re-exported here.
+``.ckpt`` reader live in :mod:`lookahead_dist.deepspeed.checkpoint`; their names are re-exported here, where they
+always were. ``slow-weights-dcp CKPT_DIR OUT`` writes the consolidated slow weights of a
+torch.distributed.checkpoint folder (FSDP, Lightning's ModelParallelStrategy / FSDPStrategy sharded checkpoints);
+see :mod:`lookahead_dist.fsdp.checkpoint`.
 """
 
 from __future__ import annotations
@@ -48,5 +52,19 @@ __all__ = [
     "to_universal",
 ]
 
+
+
+def _cli(argv: list[str]) -> int:
+    # `slow-weights-dcp DIR OUT` (FSDP / torch.distributed.checkpoint folders) is handled by
+    # lookahead_dist.fsdp.checkpoint; every other subcommand is the DeepSpeed tools' `main`.
+    if argv[:1] == ["slow-weights-dcp"]:
+        from .fsdp.checkpoint import main as dcp_main
+
+        return dcp_main(argv[1:], prog="python -m lookahead_dist.checkpoint slow-weights-dcp")
+    return main(argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    raise SystemExit(_cli(sys.argv[1:]))
