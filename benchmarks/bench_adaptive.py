@@ -230,8 +230,9 @@ def main() -> None:
         "BPE vocabulary 4096, 128-token blocks, batch 16, trained on WikiText-2 valid.txt, validated on 64 blocks of "
         "test.txt, AdamW lr 0.002 weight decay 0.01 on one param group, seed 1234) plus `configs/lm_cpu.yaml`. "
         "Every run sees the same batches. Lookahead runs validate on the slow weights φ (the callback's default). "
-        "The adaptive rule is the paper's quadratic model, α = 1 + gᵀd / dᵀAd with d = φ − θ_k, g the last "
-        "gradient and A AdamW's bias-corrected second moment, clipped to the bounds (`lookahead_dist/adaptive.py`).\n\n"
+        "The adaptive rule is the sign test of `lookahead_dist/core/adaptive.py`: α leaves its lower bound only "
+        "while consecutive cycle displacements agree (t-statistic of d_tᵀd_{t−1}/‖d_{t−1}‖², momentum carry "
+        "removed), reaching the upper bound at z ≥ 3.\n\n"
         f"Commands (one subprocess each):\n\n```\n{commands}\n```\n\n"
         f"{text}\n\n![validation perplexity and α]({png.name})\n\n"
         f"{interpretation(results)}\n\n{MARKER}{kept or DEFAULT_READING}",
