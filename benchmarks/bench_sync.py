@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -99,7 +100,7 @@ def make_params(n_tensors: int, n_params: int, device: str, seed: int) -> list[T
     """``n_tensors`` tensors of (about) equal size holding ``n_params`` elements, with fixed small grads."""
     gen = torch.Generator().manual_seed(seed)
     size = max(1, n_params // n_tensors)
-    params = []
+    params: list[Tensor] = []
     for _ in range(n_tensors):
         p = torch.nn.Parameter(torch.randn(size, generator=gen).to(device) * 0.02)
         p.grad = (torch.randn(size, generator=gen) * 1e-3).to(device)
@@ -108,7 +109,7 @@ def make_params(n_tensors: int, n_params: int, device: str, seed: int) -> list[T
 
 
 def make_adamw(params: list[Tensor], kind: str) -> torch.optim.AdamW:
-    flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
+    flags: dict[str, Any] = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kind]
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **flags)
 
 
@@ -169,7 +170,9 @@ def bench_case(n_tensors: int, n_params: int, kind: str, repeats: int, device: s
     for r in range(repeats):
         # Steps alternate one by one (plain, Lookahead, Lookahead, plain, ...), so that anything else the
         # machine does at the time hits both alike.
-        plain_times, step_times, sync_times = [], [], []
+        plain_times: list[float] = []
+        step_times: list[float] = []
+        sync_times: list[float] = []
         for i in range(cycles * K):
             for which in ("plain", "lookahead") if i % 2 == 0 else ("lookahead", "plain"):
                 if which == "plain":
@@ -186,7 +189,7 @@ def bench_case(n_tensors: int, n_params: int, kind: str, repeats: int, device: s
         with torch.no_grad():
             for i in range(sync_reps):
                 for name, fn in sync_fns if i % 2 == 0 else sync_fns[::-1]:
-                    sync_samples[name].append(timed(lambda fn=fn: fn(slow, params_la, ALPHA), device))
+                    sync_samples[name].append(timed(lambda fn=fn: fn(slow, params_la, ALPHA), device))  # type: ignore[misc]
         for name, samples in sync_samples.items():
             per_repeat[name].append(statistics.median(samples))
 
@@ -237,7 +240,8 @@ def bench_bookkeeping(n_tensors: int, repeats: int, steps: int = 200) -> dict:
         lookahead.step()
     plain_us, extra_us = [], []
     for _ in range(repeats):
-        plain_times, la_times = [], []
+        plain_times: list[float] = []
+        la_times: list[float] = []
         for i in range(steps):
             for opt in (plain, lookahead) if i % 2 == 0 else (lookahead, plain):
                 (plain_times if opt is plain else la_times).append(timed(opt.step, "cpu"))

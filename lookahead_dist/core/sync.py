@@ -4,27 +4,27 @@ A sync has to read θ and φ and write both (16 bytes per fp32 element); done as
 (lerp over every tensor, then copy over every tensor) it streams the weights from memory twice once
 they outgrow the cache. So, on CPU:
 
-* a tensor of at least :data:`CHUNK` elements is processed in blocks of ``CHUNK`` elements: each
-  block of θ is checked, lerped into φ and copied back while both blocks are still in cache, so memory
-  is read once;
+* a tensor of at least :data:`SMALL` elements is processed alone, in blocks of :data:`CHUNK` elements:
+  per block, ``lerp(φ, θ, α)`` is written into θ (φ still holds the old value), checked and copied
+  into φ while the block is in cache, so memory is streamed once and the check reads cached data;
 * smaller tensors are processed in batches of up to :data:`BATCH` elements with the multi-tensor
-  (``_foreach``) kernels, again so that the copy reads what the lerp just wrote from cache, and without
-  a Python-level operation per tensor.
+  (``_foreach``) kernels, so that the copy reads what the lerp just wrote from cache, with one fused
+  check per batch (GradScaler's non-finite kernel) and no Python-level operation per tensor.
 
-On other devices (CUDA) the multi-tensor kernels are used on the whole list (fused launches; the
-device has no cache to keep the data in between anyway), with one device-to-host transfer per call for
-the non-finite flags.
+On other devices (CUDA) the multi-tensor kernels run on the whole list (fused launches), with one
+fused non-finite check and one device-to-host transfer per call.
 
-Non-finite fast weights (the ``"skip"`` policy). The check runs on θ before anything is written, one
-block at a time, so it costs no extra pass over memory:
+Non-finite fast weights (the ``"skip"`` policy):
 
 * a block whose θ holds a NaN or an infinity is not synced: its φ is kept and θ is reset to φ;
 * a "block" is the whole tensor for a tensor smaller than :data:`CHUNK` elements, otherwise one
   ``CHUNK``-element slice of it (a flat ZeRO partition holding many parameters loses only the slices
-  that hold the bad values). Deciding for a whole large tensor first would need a second pass over θ.
+  that hold the bad values). Deciding for a whole large tensor before writing would need a second
+  pass over θ from memory.
 
 Callers that must decide per whole tensor before writing anything (``nonfinite="raise"``, adaptive α)
-call :func:`nonfinite_tensors` first and pass ``check=False``.
+call :func:`nonfinite_tensors` first and pass ``check=False``. What the check costs is measured in
+``benchmarks/bench_peers.py`` ("ours" against "ours, no check").
 
 Every tensor here is a plain (local) tensor: DTensors are reduced to their local shards by the caller,
 so nothing in this module communicates.
@@ -40,13 +40,13 @@ from torch import Tensor
 
 __all__ = ["BATCH", "CHUNK", "SMALL", "SyncPlan", "SyncReport", "local", "make_slow", "nonfinite_tensors", "sync_"]
 
-#: Elements per block for large CPU tensors (256 KiB of fp32 each for θ and φ: both fit in L2).
+#: Elements per block for large CPU tensors (1 MiB of fp32 each for θ and φ).
 CHUNK = 1 << 18
 #: Most elements per multi-tensor batch of small CPU tensors.
-BATCH = 1 << 17
-#: CPU tensors below this many elements are "small": their φ share flat buffers and they sync in batches
-#: (per-tensor dispatch dominates there); larger ones sync one by one, block by block.
-SMALL = 1 << 14
+BATCH = 1 << 18
+#: CPU tensors below this many elements are "small" and sync in batches (per-tensor dispatch dominates
+#: there); larger ones sync one by one, block by block. Chosen by measurement on the benchmark machine.
+SMALL = 1 << 18
 #: Whether new φ of small CPU tensors share flat buffers (see :func:`make_slow`). Off: measured on the
 #: shared 2-core benchmark machine it was no faster than per-tensor batches (benchmarks/RESULTS.md), and
 #: separate φ tensors are simpler for every tool that reads the state. The sync still recognises flat φ.
