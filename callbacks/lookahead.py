@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -86,7 +86,7 @@ class LookaheadCallback(Callback):
     def __init__(
         self,
         k: int = 5,
-        alpha: float | str = 0.5,
+        alpha: float | Literal["adaptive"] = 0.5,
         pullback: str = "none",
         alpha_bounds: tuple[float, float] = (0.5, 1.0),
         alpha_fallback: float | None = None,
@@ -111,6 +111,11 @@ class LookaheadCallback(Callback):
             nonfinite=nonfinite,
         )
         if optimizer_indices is not None:
+            if not isinstance(optimizer_indices, (list, tuple)):
+                raise ValueError(  # noqa: TRY004 - ValueError like every other bad argument of this callback
+                    f"LookaheadCallback: optimizer_indices={optimizer_indices!r} is invalid; give a list of "
+                    f"optimizer positions in configure_optimizers' output, e.g. [0], or None for all."
+                )
             bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if bad or not optimizer_indices:
                 raise ValueError(
@@ -126,10 +131,10 @@ class LookaheadCallback(Callback):
             )
         self.eval_weights = eval_weights
         if not isinstance(log_distance, bool):
-            raise ValueError(f"LookaheadCallback: log_distance={log_distance!r} must be True or False.")
+            raise ValueError(f"LookaheadCallback: log_distance={log_distance!r} must be True or False.")  # noqa: TRY004
         self.log_distance = log_distance
         if not isinstance(log_prefix, str):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - ValueError like every other bad argument of this callback
                 f"LookaheadCallback: log_prefix={log_prefix!r} must be a string such as 'lookahead/' ('' for none)."
             )
         self.log_prefix = log_prefix
@@ -352,9 +357,9 @@ class LookaheadCallback(Callback):
 
     @staticmethod
     def _is_logging_step(trainer: pl.Trainer) -> bool:
-        # Lightning's own rule (log every n optimizer steps), from public attributes: global_step has
-        # already counted this batch's step when on_train_batch_end runs.
-        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or trainer.should_stop
+        # Private, because Lightning has no public view of its own "log on this step" rule
+        # (log_every_n_steps lives only in the logger connector); the distance costs a reduction.
+        return bool(trainer._logger_connector.should_update_logs)
 
     def _logger(self, pl_module: pl.LightningModule) -> Any:
         def log(name: str, value: float) -> None:

@@ -416,12 +416,10 @@ def _(tmp: Path) -> Any:
 
 @row("callback-optimizer-indices-int", ValueError, r"optimizer_indices=0 is invalid")
 def _(tmp: Path) -> Any:
-    # Pending in callbacks/lookahead.py (not this module's owner): today a bare TypeError ("'int' object is
-    # not iterable"); the test is a strict xfail until the callback checks the type (then it must pass).
     return callback(optimizer_indices=0)
 
 
-PENDING = {"callback-optimizer-indices-int": "callbacks/lookahead.py does not check optimizer_indices' type yet"}
+PENDING: dict[str, str] = {}
 
 
 @row("callback-eval-weights-unknown", ValueError, r"eval_weights='ema' is unknown; use 'slow'")
