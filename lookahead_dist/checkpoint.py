@@ -54,14 +54,23 @@ __all__ = [
 
 
 
-def _cli(argv: list[str]) -> int:
-    # `slow-weights-dcp DIR OUT` (FSDP / torch.distributed.checkpoint folders) is handled by
-    # lookahead_dist.fsdp.checkpoint; every other subcommand is the DeepSpeed tools' `main`.
-    if argv[:1] == ["slow-weights-dcp"]:
-        from .fsdp.checkpoint import main as dcp_main
+def _slow_weights_dcp(argv: list[str]) -> int:
+    from .fsdp.checkpoint import main as dcp_main
 
-        return dcp_main(argv[1:], prog="python -m lookahead_dist.checkpoint slow-weights-dcp")
-    return main(argv)
+    return dcp_main(argv, prog="python -m lookahead_dist.checkpoint slow-weights-dcp")
+
+
+#: Subcommands of other engines, listed in ``--help`` beside the DeepSpeed tools.
+EXTRA_COMMANDS = {
+    "slow-weights-dcp": (
+        "consolidated slow weights from a torch.distributed.checkpoint folder (FSDP2, Lightning FSDP)",
+        _slow_weights_dcp,
+    ),
+}
+
+
+def _cli(argv: list[str]) -> int:
+    return main(argv, extra=EXTRA_COMMANDS)
 
 
 if __name__ == "__main__":

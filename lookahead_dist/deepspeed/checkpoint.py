@@ -41,7 +41,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -861,12 +861,22 @@ def restore_if_universal(
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    extra: Mapping[str, tuple[str, Callable[[list[str]], int]]] | None = None,
+) -> int:
+    """The checkpoint CLI. ``extra`` adds subcommands of other engines: name -> (help, handler(argv))."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    extra = extra or {}
+    if args_list[:1] and args_list[0] in extra:
+        return extra[args_list[0]][1](args_list[1:])
     parser = argparse.ArgumentParser(
         prog="python -m lookahead_dist.checkpoint",
-        description="Carry Lookahead's slow weights through DeepSpeed checkpoint tools.",
+        description="Carry Lookahead's slow weights through checkpoint tools (DeepSpeed, Lightning .ckpt, DCP).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, _) in extra.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     uni = sub.add_parser("to-universal", help="ds_to_universal + Lookahead slow weights and cycle position")
     uni.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint, or one tag folder")
     uni.add_argument("--tag", default=None, help="tag folder to convert (default: the 'latest' file)")
@@ -885,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--param-names", default=None, help="Lightning .ckpt: file with the module name of each optimizer "
         "parameter in param-group order, one per line (needed when shapes do not identify them)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         if args.command == "check":
             return _check_command(Path(args.checkpoint_dir), args.tag)
