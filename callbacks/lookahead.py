@@ -112,7 +112,7 @@ class LookaheadCallback(Callback):
         )
         if optimizer_indices is not None:
             if not isinstance(optimizer_indices, (list, tuple)):
-                raise ValueError(  # noqa: TRY004 - ValueError like every other bad argument of this callback
+                raise ValueError(
                     f"LookaheadCallback: optimizer_indices={optimizer_indices!r} is invalid; give a list of "
                     f"optimizer positions in configure_optimizers' output, e.g. [0], or None for all."
                 )
