@@ -100,9 +100,10 @@ def check_oracle(result: dict, n_val: int) -> None:
     assert check["n_val"] == n_val and check["raw"]
     assert 20.0 < check["oracle_val"] < 95.0
     assert last(result, "val_bleu") == pytest.approx(check["oracle_val"], abs=1e-4)
-    assert [r["val_bleu"] for r in result["bleu_per_rank"]] == [
-        pytest.approx(check["oracle_val"], abs=1e-4)
-    ] * (result["world_size"])
+    # the test after fit: every rank logged sacrebleu's score of the translations rank 0 wrote
+    assert 20.0 < check["test"] < 95.0
+    per_rank = [r["test_bleu"] for r in result["bleu_per_rank"]]
+    assert per_rank == [pytest.approx(check["test"], abs=1e-4)] * result["world_size"]
 
 
 @pytest.mark.slow
@@ -121,7 +122,7 @@ def test_one_process_hub_names_local_files_resume_and_test(tmp_path: Path) -> No
     assert steps == sorted(set(steps)) and min(steps) < 30 <= max(steps), steps
     assert val_rows(resumed)[-1]["val_loss"] < val_rows(res["lm_hub"])[-1]["val_loss"]
     # NMT on the local Tatoeba TSV with Lookahead, and through load_dataset("wmt16", "de-en")
-    check_nmt(res["nmt_local_la"], 30)
+    check_nmt(res["nmt_local_la"], 32)
     check_lookahead(res["nmt_local_la"])
     check_outputs(res["nmt_local_la"])
     assert "test_translations.tsv" in res["nmt_local_la"]["logs"]
@@ -146,9 +147,8 @@ def test_two_processes_ddp_zero2_zero3_with_lookahead(tmp_path: Path) -> None:
         "--master_port",
         str(free_port()),
     ]
-    res = cases(
-        tmp_path, "lm_ddp_la,lm_zero2_la,nmt_zero3_la,nmt_zero3_la+test,nmt_oracle_ddp", prefix, timeout=1500
-    )
+    names = "lm_ddp_la,lm_zero2_la,nmt_zero3_la,nmt_zero2_la,nmt_zero2_la+test,nmt_oracle_ddp"
+    res = cases(tmp_path, names, prefix, timeout=1500)
     assert res["lm_ddp_la"]["strategy"] == "DDPStrategy"
     assert res["lm_zero2_la"]["strategy"] == res["nmt_zero3_la"]["strategy"] == "CPUDeepSpeedStrategy"
     for name in ("lm_ddp_la", "lm_zero2_la"):
@@ -160,9 +160,13 @@ def test_two_processes_ddp_zero2_zero3_with_lookahead(tmp_path: Path) -> None:
     check_outputs(res["lm_zero2_la"])
     # DistributedSampler pads the ranks' shares with repeats: BLEU still scores each sentence once
     check_oracle(res["nmt_oracle_ddp"], 301)
-    # standalone test of a ZeRO-3 checkpoint: φ consolidated from the per-rank optimizer files
-    tested = res["nmt_zero3_la+test"]
-    assert last(tested, "test_loss") == pytest.approx(last(res["nmt_zero3_la"], "test_loss"), rel=1e-5)
+    # standalone test of a ZeRO-2 checkpoint (φ consolidated from the per-rank optimizer files) evaluates the
+    # weights the test after fit evaluated (the live φ). 12 steps, k=5: φ != θ. (ZeRO-3: DeepSpeed's own
+    # evaluation-mode load fails before any Lookahead code, see examples/README.md.)
+    check_nmt(res["nmt_zero2_la"], 12)
+    tested = res["nmt_zero2_la+test"]
+    assert Path(tested["run"]) == Path(res["nmt_zero2_la"]["run"]) / "test_0"
+    assert last(tested, "test_loss") == pytest.approx(last(res["nmt_zero2_la"], "test_loss"), rel=1e-5)
 
 
 @pytest.mark.dist

@@ -115,6 +115,9 @@ class TranslationModule(L.LightningModule):
             encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn_dim,
             decoder_ffn_dim=ffn_dim, dropout=dropout, max_position_embeddings=max_len + 1,
             pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID, forced_eos_token_id=EOS_ID,
+            # Embeddings times sqrt(d_model), as in the Transformer paper and trained Marian models: without it
+            # the sinusoidal positions (magnitude 1) drown the tokens' embeddings (std 0.02) and learning crawls.
+            scale_embedding=True,
         )  # fmt: skip
         self.model = MarianMTModel(config)
         self._hypotheses: list[tuple[int, str]] = []
