@@ -19,15 +19,15 @@ import pytest
 import torch
 from torch import nn
 
+from lookahead_dist.checkpoint import main
 from lookahead_dist.deepspeed.checkpoint import (
     IncompleteCheckpointError,
     check_checkpoint,
     check_tag,
     last_complete_tag,
-    lightning_slow_state_dict,
-    main,
     resolve_load_tag,
 )
+from lookahead_dist.lightning.checkpoint import lightning_slow_state_dict
 from tests.reference import ReferenceLookahead
 
 

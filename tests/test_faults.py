@@ -32,10 +32,10 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from lookahead_dist.checkpoint import main
 from lookahead_dist.deepspeed.checkpoint import (
     IncompleteCheckpointError,
     check_checkpoint,
-    main,
     resolve_load_tag,
 )
 from tests.dist.ds_common import ALPHA, K, global_batch, loss_fn, make_model, make_optimizer, param_groups

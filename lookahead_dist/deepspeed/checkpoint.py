@@ -26,12 +26,11 @@ CLI::
 
     python -m lookahead_dist.checkpoint check CKPT_DIR [--tag TAG]
     python -m lookahead_dist.checkpoint to-universal CKPT_DIR [--tag TAG] [--output-dir DIR]
-    python -m lookahead_dist.checkpoint slow-weights CKPT_DIR|LIGHTNING.ckpt OUT.pt|OUT.safetensors [--tag TAG]
+    python -m lookahead_dist.checkpoint slow-weights CKPT_DIR OUT.pt|OUT.safetensors [--tag TAG]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import glob
 import io
@@ -41,7 +40,6 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,12 +55,11 @@ __all__ = [
     "IncompleteCheckpointError",
     "TagReport",
     "check_checkpoint",
+    "check_command",
     "check_tag",
     "consolidated_slow_state_dict",
     "last_complete_tag",
-    "lightning_slow_state_dict",
     "load_checkpoint",
-    "main",
     "resolve_load_tag",
     "restore_after_universal_load",
     "save_checkpoint",
@@ -498,136 +495,21 @@ def consolidated_slow_state_dict(
     return _merge_like_zero_to_fp32(tag_dir, stage, states, flat, exclude_frozen_parameters)
 
 
-def _unique_embedding(wanted: list[tuple[int, ...] | None], have: list[tuple[int, ...]]) -> list[int] | None:
-    """Indices into ``have`` of the one way ``wanted`` (None: any shape) is an ordered subsequence of it."""
-    n, m = len(wanted), len(have)
-
-    def fits(a: tuple[int, ...] | None, b: tuple[int, ...]) -> bool:
-        return a is None or a == b
-
-    # ways[i][j]: ways to place wanted[:i] into have[:j], capped at 2 (we only need 0, 1 or "several").
-    ways = [[1] * (m + 1)] + [[0] * (m + 1) for _ in range(n)]
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            ways[i][j] = min(2, ways[i][j - 1] + (ways[i - 1][j - 1] if fits(wanted[i - 1], have[j - 1]) else 0))
-    if ways[n][m] != 1:
-        return None
-    picked, i, j = [], n, m
-    while i > 0:
-        if ways[i][j - 1] == 0:  # wanted[i-1] must sit at have[j-1]
-            picked.append(j - 1)
-            i -= 1
-        j -= 1
-    return picked[::-1]
-
-
-def lightning_slow_state_dict(
-    ckpt_path: str | os.PathLike, param_names: Sequence[str] | None = None, optimizer_index: int = 0
-) -> dict[str, Tensor]:
-    """The slow weights φ of a Lightning ``.ckpt`` file (single device / DDP) as a state dict of the module.
-
-    Lightning stores the module's ``state_dict`` and, per optimizer, the optimizer's state dict, whose
-    tensors are numbered in param-group order. ``param_names`` gives the module name of each optimizer
-    parameter in that order; without it the optimizer's parameters are taken to be the module's in
-    definition order (``model.parameters()``), matched by shape, and the file is refused when the shapes
-    do not determine one match. Entries without slow weights (buffers, parameters never stepped) keep
-    the saved values; everything is returned as fp32 like :func:`consolidated_slow_state_dict`.
-    """
-    path = Path(ckpt_path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "optimizer_states" not in ckpt:
-        raise ValueError(
-            f"Lookahead checkpoint: {str(path)!r} is not a Lightning checkpoint with optimizer state "
-            f"('state_dict' and 'optimizer_states'); pass a DeepSpeed checkpoint folder or a Lightning .ckpt "
-            f"saved by Trainer (save_weights_only=False)."
-        )
-    optimizers = ckpt["optimizer_states"]
-    if not 0 <= optimizer_index < len(optimizers):
-        raise ValueError(
-            f"Lookahead checkpoint: {str(path)!r} has {len(optimizers)} optimizer state(s); "
-            f"optimizer_index={optimizer_index} does not exist."
-        )
-    osd = optimizers[optimizer_index]
-    order = [index for group in osd["param_groups"] for index in group["params"]]
-    states = osd["state"]
-    slow = {i: states[i][SLOW_KEY] for i in order if isinstance(states.get(i, {}).get(SLOW_KEY), Tensor)}
-    if not slow:
-        raise ValueError(
-            f"Lookahead checkpoint: {str(path)!r} holds no slow weights ('{SLOW_KEY}' in no optimizer state); "
-            f"was it saved with LookaheadCallback after at least one optimizer step?"
-        )
-    module = ckpt["state_dict"]
-    if param_names is not None:
-        names = list(param_names)
-        if len(names) != len(order) or any(name not in module for name in names):
-            raise ValueError(
-                f"Lookahead checkpoint: param_names must name the {len(order)} optimizer parameters of "
-                f"{str(path)!r} in param-group order, each a key of its state_dict; got {len(names)} names"
-                + (f", unknown: {[n for n in names if n not in module][:5]}" if any(n not in module for n in names)
-                   else "") + "."
-            )  # fmt: skip
-    else:
-        candidates = [n for n, t in module.items() if isinstance(t, Tensor) and t.is_floating_point()]
-
-        def shape_of(i: int) -> tuple[int, ...] | None:
-            tensor = next((v for v in states.get(i, {}).values() if isinstance(v, Tensor) and v.dim() > 0), None)
-            return tuple(slow[i].shape) if i in slow else (None if tensor is None else tuple(tensor.shape))
-
-        picked = _unique_embedding([shape_of(i) for i in order], [tuple(module[n].shape) for n in candidates])
-        if picked is None:
-            raise ValueError(
-                f"Lookahead checkpoint: cannot tell which module entry of {str(path)!r} each of the optimizer's "
-                f"{len(order)} parameters is (shapes are ambiguous or in another order than the module's); "
-                f"pass the names in optimizer order: --param-names FILE (one per line) or "
-                f"lightning_slow_state_dict(path, param_names=[...])."
-            )
-        names = [candidates[j] for j in picked]
-    out = {name: t.detach().float().clone() if t.is_floating_point() else t for name, t in module.items()}
-    for index, name in zip(order, names):
-        if index in slow:
-            if tuple(slow[index].shape) != tuple(module[name].shape):
-                raise ValueError(
-                    f"Lookahead checkpoint: slow weight {index} has shape {tuple(slow[index].shape)} but "
-                    f"{name!r} has {tuple(module[name].shape)}; check param_names."
-                )
-            out[name] = slow[index].detach().float().clone()
-    return out
-
-
 def save_consolidated_slow_weights(
     checkpoint_dir: str | os.PathLike,
     output_file: str | os.PathLike,
     tag: str | None = None,
-    param_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write the consolidated slow weights to ``output_file`` (``.safetensors`` or torch ``.pt``).
+    """Write :func:`consolidated_slow_state_dict` to ``output_file`` (``.safetensors`` or torch ``.pt``)."""
+    from .._files import save_state_dict
 
-    ``checkpoint_dir``: a DeepSpeed checkpoint folder (:func:`consolidated_slow_state_dict`) or a
-    Lightning ``.ckpt`` file (:func:`lightning_slow_state_dict`, which takes ``param_names``).
-    """
-    out = Path(output_file)
-    if Path(checkpoint_dir).is_file():
-        if tag is not None:
-            raise ValueError(f"Lookahead checkpoint: --tag applies to DeepSpeed folders, not to {str(checkpoint_dir)!r}.")
-        state = lightning_slow_state_dict(checkpoint_dir, param_names)
-    else:
-        state = consolidated_slow_state_dict(checkpoint_dir, tag)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        # safetensors refuses tensors sharing storage (tied weights): give each its own copy.
-        save_file({name: t.detach().contiguous().clone() for name, t in state.items()}, str(out))
-    else:
-        torch.save(state, out)
-    return out
+    return save_state_dict(consolidated_slow_state_dict(checkpoint_dir, tag), output_file)
 
 
 # ----------------------------------------------------------------------------- universal: convert
 def _run_ds_to_universal(tag_dir: Path, out: Path, num_workers: int) -> None:
     """DeepSpeed's own converter, through its documented command line."""
     import subprocess
-    import sys
 
     command = [
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
@@ -861,59 +743,7 @@ def restore_if_universal(
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def main(
-    argv: Sequence[str] | None = None,
-    extra: Mapping[str, tuple[str, Callable[[list[str]], int]]] | None = None,
-) -> int:
-    """The checkpoint CLI. ``extra`` adds subcommands of other engines: name -> (help, handler(argv))."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    extra = extra or {}
-    if args_list[:1] and args_list[0] in extra:
-        return extra[args_list[0]][1](args_list[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m lookahead_dist.checkpoint",
-        description="Carry Lookahead's slow weights through checkpoint tools (DeepSpeed, Lightning .ckpt, DCP).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, _) in extra.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    uni = sub.add_parser("to-universal", help="ds_to_universal + Lookahead slow weights and cycle position")
-    uni.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint, or one tag folder")
-    uni.add_argument("--tag", default=None, help="tag folder to convert (default: the 'latest' file)")
-    uni.add_argument("--output-dir", default=None, help="default: <tag>_universal beside the tag folder")
-    uni.add_argument("--num-workers", type=int, default=1, help="processes for DeepSpeed's extraction/merge")
-    check = sub.add_parser("check", help="which tags are complete (every rank's files present and intact)")
-    check.add_argument("checkpoint_dir", help="folder given to engine.save_checkpoint")
-    check.add_argument("--tag", default=None, help="check one tag only")
-    slow = sub.add_parser("slow-weights", help="consolidated fp32 slow weights (like zero_to_fp32)")
-    slow.add_argument(
-        "checkpoint_dir", help="folder given to engine.save_checkpoint, one tag folder, or a Lightning .ckpt file"
-    )
-    slow.add_argument("output_file", help="*.safetensors for safetensors, anything else for torch.save")
-    slow.add_argument("--tag", default=None, help="tag folder to read (default: the 'latest' file)")
-    slow.add_argument(
-        "--param-names", default=None, help="Lightning .ckpt: file with the module name of each optimizer "
-        "parameter in param-group order, one per line (needed when shapes do not identify them)",
-    )  # fmt: skip
-    args = parser.parse_args(args_list)
-    try:
-        if args.command == "check":
-            return _check_command(Path(args.checkpoint_dir), args.tag)
-        if args.command == "to-universal":
-            out = to_universal(args.checkpoint_dir, args.tag, args.output_dir, num_workers=args.num_workers)
-            print(f"Lookahead universal checkpoint written to {out}")
-        else:
-            names = None if args.param_names is None else Path(args.param_names).read_text().split()
-            out = save_consolidated_slow_weights(args.checkpoint_dir, args.output_file, args.tag, names)
-            print(f"Consolidated slow weights written to {out}")
-    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:
-        # One line naming the file and the fix instead of a traceback (the messages are written for that).
-        print(f"python -m lookahead_dist.checkpoint {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _check_command(root: Path, tag: str | None) -> int:
+def check_command(root: Path, tag: str | None) -> int:
     """Print one line per tag; exit 0 if the tag to resume from is complete, 1 if not, 2 if none is."""
     if tag is not None:
         report = check_tag(root / tag)
@@ -950,6 +780,3 @@ def _report_line(report: TagReport, is_latest: bool = False) -> str:
         return f"{report.tag}{mark}: complete ({detail})"
     return f"{report.tag}{mark}: INCOMPLETE: {'; '.join(report.problems)}"
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

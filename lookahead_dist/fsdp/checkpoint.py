@@ -150,17 +150,10 @@ def save_consolidated_slow_weights(
     optimizer_key: str | None = None,
 ) -> Path:
     """Write :func:`consolidated_slow_state_dict` to ``output_file`` (``.safetensors`` or torch ``.pt``)."""
-    out = Path(output_file)
-    state = consolidated_slow_state_dict(path, model_key=model_key, optimizer_key=optimizer_key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    from .._files import save_state_dict
 
-        # safetensors refuses tensors sharing storage (tied weights): give each its own copy.
-        save_file({name: t.contiguous().clone() for name, t in state.items()}, str(out))
-    else:
-        torch.save(state, out)
-    return out
+    state = consolidated_slow_state_dict(path, model_key=model_key, optimizer_key=optimizer_key)
+    return save_state_dict(state, output_file)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
