@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup", default="configs/lm_zero2.yaml", help="the trainer/strategy config")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "demo", help="where results go")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="no training: table and plot from the runs in --out"
+    )
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -149,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--data.batch_size=8", "--data.max_val_blocks=32", f"--optimizer.init_args.lr={lr}",
                 "--trainer.callbacks+=examples.lm.demo.DemoProgress", *extra,
             ]  # fmt: skip
-            print(f"[demo] {label}: python -m examples.lm.cli {' '.join(cli_args)}", flush=True)
             started = time.perf_counter()
-            code = run_streaming(cli_args, run_dir / "run.log", args.timeout, label)
-            seconds = time.perf_counter() - started
+            code = 0
+            if not args.plot_only:
+                print(f"[demo] {label}: python -m examples.lm.cli {' '.join(cli_args)}", flush=True)
+                code = run_streaming(cli_args, run_dir / "run.log", args.timeout, label)
+            seconds = time.perf_counter() - started if not args.plot_only else math.nan
             if code != 0:
                 print((run_dir / "run.log").read_text()[-4000:], file=sys.stderr)
                 print(
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": lr, "optimizer": name, "val_ppl": series(rows, "val_ppl"), "seconds": seconds,
                 "tokens_per_s": (series(rows, "train_tokens_per_s") or [(0, math.nan)])[-1][1],
             }  # fmt: skip
-            print(f"[demo] {label}: done in {seconds:.0f} s", flush=True)
+            if not args.plot_only:
+                print(f"[demo] {label}: done in {seconds:.0f} s", flush=True)
 
     table = format_table(results)
     print("\n" + table)
@@ -226,7 +232,9 @@ def plot(results: dict[str, dict], path: Path, steps: int, setup: str) -> Path:
                 va="center", color=color, fontsize=9, fontweight="bold",
             )  # fmt: skip
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_locator(
+            LogLocator(base=10, subs=(1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0))
+        )
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlim(0, steps * 1.12)
