@@ -170,8 +170,9 @@ def main() -> None:
         + (
             f'`alpha="adaptive"` is no worse than the inner optimizer alone at every learning rate and no worse '
             f"than fixed α=0.5 (within {args.tolerance:.0%}; the rows marked with a percentage are above α=0.5 by "
-            "that much although α sat at 0.5 through the whole window: Adam's second moment, a 1000-step "
-            "average, still remembers the first, faster phase). "
+            "that much although α sat at 0.5 through the whole window, a gap smaller than the seed-to-seed std: "
+            "the early phase, spent at a higher α, still shows in the state, e.g. Adam's second moment, a "
+            "1000-step average). "
             if not worse
             else f'`alpha="adaptive"` is worse in {len(worse)} row(s) (marked **no**). '
         )

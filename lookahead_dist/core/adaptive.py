@@ -32,9 +32,9 @@ times μ more under Nesterov) for SGD with momentum; ``q_t = qᵀ d_t`` is kept 
 On a quadratic with noisy gradients (the paper's noisy quadratic model, NQM) this sign has a simple
 meaning. For one coordinate with curvature ``a`` and noise of variance ``σ²`` per cycle, the steady state of
 Lookahead with any fixed α in (0, 1] gives ``E[hypergradient] ∝ −α σ² / (2 − α m) < 0`` (``m = 1 − (1 − η a)ᵏ``
-for SGD): in the noise-dominated steady state a smaller α is always better (the paper's Proposition 2: the
-slow weights' variance grows with α), while far from the minimum, where the drift dominates, the sign is
-positive and α = 1 (the inner optimizer alone) is best. A gradient step on α with this signal is too noisy to
+for SGD; the steady-state variance of φ is ``α σ² / (m (2 − α m))``, which grows with α, cf. the paper's
+Proposition 2): in the noise-dominated steady state a smaller α is always better, while far from the minimum,
+where the drift dominates, the sign is positive and α = 1 (the inner optimizer alone) is best. A gradient step on α with this signal is too noisy to
 settle (measured: on the NQM it hovers around α ≈ 0.6–0.8 and loses to fixed α = 0.5), so α is set by the
 significance of the sign instead, as written above; r and z are free of the scale of the loss and the weights
 and of the learning rate. Dividing by ``‖d_{t−1}‖²`` matters on a clean descent: there ``h`` shrinks
