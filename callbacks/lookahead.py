@@ -412,7 +412,7 @@ def _slow_from_lightning(
     """Module parameter name -> φ from a Lightning checkpoint dict, or why there is none.
 
     An optimizer state numbers its tensors in param-group order; LightningCLI's and the usual
-    ``configure_optimizers`` pass ``self.parameters()``, i.e. the trainable parameters in definition order.
+    ``configure_optimizers`` pass ``self.parameters()``, i.e. the parameters in definition order.
     The match is checked by count and shape and refused (with the reason) when it does not hold.
     """
     from lookahead_dist.core.keys import SLOW_KEY
@@ -425,11 +425,15 @@ def _slow_from_lightning(
         return f"slow weights are read for exactly one optimizer; the checkpoint has {len(states)}"
     osd = states[chosen[0]]
     order = [index for group in osd["param_groups"] for index in group["params"]]
-    named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+    # ``self.parameters()`` includes frozen parameters (never stepped, so without state); some
+    # ``configure_optimizers`` pass only the trainable ones: accept either when the count says which.
+    named = list(pl_module.named_parameters())
+    if len(order) != len(named):
+        named = [(name, p) for name, p in named if p.requires_grad]
     if len(order) != len(named):
         return (
-            f"the optimizer state has {len(order)} parameters, the module {len(named)} trainable ones, so the "
-            f"slow weights cannot be matched to parameters"
+            f"the optimizer state has {len(order)} parameters, the module {len(list(pl_module.parameters()))} "
+            f"({len(named)} trainable), so the slow weights cannot be matched to parameters"
         )
     slow: dict[str, torch.Tensor] = {}
     for index, (name, param) in zip(order, named):

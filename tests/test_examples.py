@@ -285,6 +285,8 @@ def test_standalone_test_from_a_checkpoint_evaluates_the_slow_weights(tmp_path: 
     class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
+            # a frozen parameter first, like the NMT model's sinusoidal positions: in the optimizer, never stepped
+            self.frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
             self.layer = torch.nn.Linear(3, 1)
             self.seen: list[torch.Tensor] = []
 
@@ -311,7 +313,7 @@ def test_standalone_test_from_a_checkpoint_evaluates_the_slow_weights(tmp_path: 
     path = tmp_path / "tiny.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)
-    phi = saved["optimizer_states"][0]["state"][0][SLOW_KEY]  # the weight's φ, as the file holds it
+    phi = saved["optimizer_states"][0]["state"][1][SLOW_KEY]  # the weight's φ (index 0 is the frozen one)
     theta = saved["state_dict"]["layer.weight"]
     assert not torch.allclose(phi, theta)  # 2 steps after a sync: the two differ
     for eval_weights, expected in (("slow", phi), ("fast", theta)):
