@@ -177,15 +177,16 @@ def _checkpoint_step(ckpt: str | None) -> int | None:
 def default_loggers(run: Path | str, append: bool = False, resume_step: int | None = None) -> list[Logger]:
     """CSV logs (always) and TensorBoard logs (when installed), both in the folder ``run``."""
     run = Path(run)
+    # An int N names the folder version_N, as Lightning does, and the progress bar then shows "v_num: N".
+    match = VERSION.match(run.name)
+    version: int | str = int(match.group(1)) if match else run.name
     loggers: list[Logger] = []
     if append:
-        loggers.append(
-            AppendingCSVLogger(str(run.parent), name="", version=run.name, resume_step=resume_step)
-        )
+        loggers.append(AppendingCSVLogger(str(run.parent), name="", version=version, resume_step=resume_step))
     else:
-        loggers.append(CSVLogger(str(run.parent), name="", version=run.name))
+        loggers.append(CSVLogger(str(run.parent), name="", version=version))
     if importlib.util.find_spec("tensorboard") is not None:
-        loggers.append(TensorBoardLogger(str(run.parent), name="", version=run.name, default_hp_metric=False))
+        loggers.append(TensorBoardLogger(str(run.parent), name="", version=version, default_hp_metric=False))
     return loggers
 
 
