@@ -15,6 +15,7 @@ Run folders (``trainer.default_root_dir`` is ``ROOT``):
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import warnings
@@ -58,9 +59,15 @@ QUIET_WARNINGS = (
 VERSION = re.compile(r"version_(\d+)$")
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith("💡 Tip:")  # Lightning's cloud-logging advert, every run
+
+
 def quiet_third_party_warnings() -> None:
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_an_advert)
 
 
 def _numbered(root: Path, prefix: str) -> list[tuple[int, Path]]:
