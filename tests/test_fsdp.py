@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,34 +24,19 @@ import pytest
 import torch
 
 from tests.dist.fsdp_common import K, make_net, reference_run
+from tests.helpers import child_env, free_port, run_torchrun, torchrun_cmd
 from tests.reference import max_abs_diff
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TOL = 1e-6  # reduce-scattered gradients vs. one full-batch gradient: float rounding only
 STEPS, PER_RANK, WORLD = 8, 4, 2
 P = sum(p.numel() for p in make_net().parameters())  # 265 parameters
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
-
-
-def _launch(script: str, tmp: Path, timeout: float = 300) -> dict[str, Any]:
+def _launch(module: str, tmp: Path, timeout: float = 300) -> dict[str, Any]:
     out = tmp / "results.json"
-    cmd = TORCHRUN + [
-        "--nproc_per_node", str(WORLD), "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "dist" / script), "--out", str(out), "--tmp", str(tmp),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert out.exists(), f"{script} wrote no results:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    proc = run_torchrun(f"tests.dist.{module}", ["--out", str(out), "--tmp", str(tmp)], nproc=WORLD, timeout=timeout)
+    assert out.exists(), f"{module} wrote no results:\n{proc.stdout[-6000:]}"
     results = json.loads(out.read_text())
     for case, result in results.items():
         assert "error" not in result, f"{case}: {result['error']}\n{result.get('trace', '')}"
@@ -63,14 +46,14 @@ def _launch(script: str, tmp: Path, timeout: float = 300) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     tmp = tmp_path_factory.mktemp("fsdp2")
-    return _launch("fsdp2_cases.py", tmp), tmp
+    return _launch("fsdp2_cases", tmp), tmp
 
 
 @pytest.fixture(scope="module")
 def lightning(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     pytest.importorskip("lightning")
     tmp = tmp_path_factory.mktemp("fsdp_pl")
-    return _launch("fsdp_pl.py", tmp), tmp
+    return _launch("fsdp_pl", tmp), tmp
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
@@ -184,7 +167,7 @@ def test_consolidated_slow_weights_from_torch_dcp(fsdp2: tuple, tmp_path: Path) 
     # The command writes the same tensors.
     out = tmp_path / "slow.safetensors"
     cmd = [sys.executable, "-m", "lookahead_dist.checkpoint", "slow-weights-dcp", str(folder), str(out)]
-    proc = subprocess.run(cmd, check=False, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, check=False, env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     from safetensors.torch import load_file
 
@@ -276,13 +259,12 @@ def test_examples_run_with_the_fsdp_configs(tmp_path: Path, monkeypatch: pytest.
     steps = 10
     for task in ("lm", "nmt"):
         root = tmp_path / task
-        cmd = [
-            *TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-            "-m", f"examples.{task}.cli", "fit", "--config", f"configs/{task}_fsdp.yaml",
+        cmd = torchrun_cmd(f"examples.{task}.cli", [
+            "fit", "--config", f"configs/{task}_fsdp.yaml",
             "--config", f"configs/{task}_lookahead.yaml", *small[task], f"--trainer.default_root_dir={root}",
             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
             "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=5",
-        ]  # fmt: skip
+        ], nproc=2, port=free_port())  # fmt: skip
         proc = subprocess.run(cmd, check=False, env=run_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         metrics = read_metrics(root)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lookahead_dist import fsdp as la_fsdp
 from lookahead_dist.core.keys import COUNT_KEY, SLOW_KEY

@@ -14,15 +14,11 @@ and the functional collectives DTensor uses to redistribute. A Python-level wrap
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.reference import ReferenceLookahead
 
