@@ -264,14 +264,16 @@ def test_resumed_csv_log_appends_and_drops_rows_past_the_checkpoint(tmp_path: Pa
     run = tmp_path / "version_0"
     logger = default_loggers(run)[0]
     for step in range(0, 50, 10):
-        logger.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        logger.log_metrics({"train_loss": 1.0 / (step + 1)}, step=step)
+    logger.log_metrics({"test_bleu": 7.0}, step=20)  # e.g. the test after fit, on the checkpoint's weights
     logger.save()
-    resumed = default_loggers(run, append=True, resume_step=30)[0]
-    resumed.log_metrics({"loss": 0.5, "val_loss": 2.0}, step=30)
+    resumed = default_loggers(run, append=True, resume_step=20)[0]  # the checkpoint was written at step 20
+    resumed.log_metrics({"train_loss": 0.5, "val_loss": 2.0}, step=20)
     resumed.save()
     rows = read_metrics(run)
-    assert [row["step"] for row in rows] == [0, 10, 20, 30]
-    assert rows[0]["loss"] == 1.0 and rows[-1] == {"loss": 0.5, "val_loss": 2.0, "step": 30}
+    assert [row["step"] for row in rows] == [0, 10, 20, 20]
+    assert rows[0]["train_loss"] == 1.0 and rows[2] == {"test_bleu": 7.0, "step": 20}
+    assert rows[-1] == {"train_loss": 0.5, "val_loss": 2.0, "step": 20}
 
 
 def test_standalone_test_from_a_checkpoint_evaluates_the_slow_weights(tmp_path: Path) -> None:

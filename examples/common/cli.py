@@ -138,6 +138,15 @@ class _AppendingWriter(ExperimentWriter):
 
     resume_step: int | None = None
 
+    @staticmethod
+    def _after_checkpoint(row: dict[str, str], step: int) -> bool:
+        # A training row at the checkpoint's step is the next batch's (it logs the steps done before it);
+        # an evaluation row there (the test after fit) saw the checkpoint's weights and stays.
+        if row.get("step") in (None, ""):
+            return False
+        at = int(row["step"])
+        return at > step or (at == step and any(k.startswith("train") and row[k] != "" for k in row))
+
     def _check_log_dir_exists(self) -> None:
         import csv
 
@@ -148,9 +157,7 @@ class _AppendingWriter(ExperimentWriter):
             rows = list(reader)
             self.metrics_keys = sorted(reader.fieldnames or [])
         if self.resume_step is not None:
-            rows = [
-                row for row in rows if row.get("step") in (None, "") or int(row["step"]) < self.resume_step
-            ]
+            rows = [row for row in rows if not self._after_checkpoint(row, self.resume_step)]
         with self._fs.open(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
             writer.writeheader()
