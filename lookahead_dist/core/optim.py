@@ -68,6 +68,7 @@ from .keys import (
     slow_key_for,
 )
 from .settings import AlphaSpec, LookaheadSettings, check_alpha, check_k
+from .state_check import check_state_dict
 from .sync import CHUNK, SyncPlan, local, make_slow, nonfinite_tensors, sync_
 
 __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "slow_key_for"]
@@ -300,7 +301,7 @@ class Lookahead(Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        __import__("lookahead_dist.core.state_check").core.state_check.check_state_dict(self, state_dict)
+        check_state_dict(self, state_dict)  # before the inner load: a bad file changes nothing
         self.optimizer.load_state_dict(state_dict)
         self._spare.clear()
         self._plan = None  # the state dicts (and the tensors in them) are new objects
