@@ -312,6 +312,10 @@ def plots(groups: dict) -> list[str]:
             for variant, color in (("inner", "C0"), ("la k5 a0.5", "C1")):
                 rs = [r for r in groups.get((family, lr, variant), []) if r["curve"][-1][1] != DIVERGED]
                 if not rs:
+                    if groups.get((family, lr, variant)):
+                        y = 0.55 if variant == "inner" else 0.45
+                        ax.text(0.5, y, f"{'inner' if variant == 'inner' else 'Lookahead'}: diverged",
+                                transform=ax.transAxes, ha="center", color=color)  # fmt: skip
                     continue
                 length = min(len(r["curve"]) for r in rs)
                 steps = [r["curve"][i][0] for i in range(length) for r in rs[:1]]
