@@ -90,7 +90,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .keys import CURVATURE_KEY, GROUP_K, SLOW_KEY
+from .keys import CARRY_KEY, CURVATURE_KEY, GROUP_K, PREV_KEY, SLOW_KEY, STAT_KEYS, STEP_KEY
 from .settings import LookaheadSettings
 from .sync import local
 
@@ -107,21 +107,6 @@ __all__ = [
     "quadratic_alpha_from_sums",
     "quadratic_line_sums",
 ]
-
-# Per-tensor state of alpha="adaptive" (none of them starts with SLOW_KEY: they are not slow weights).
-#: The displacement ``d = φ − θ_k`` of the tensor's previous sync (a tensor like φ).
-PREV_KEY = "lookahead_adaptive_prev"
-#: This tensor's share of ``qᵀd``: the part of the next displacement the momentum carries over (a float).
-CARRY_KEY = "lookahead_adaptive_carry"
-#: The inner optimizer's ``step`` count at the tensor's previous sync (a float; gives k for the carry).
-STEP_KEY = "lookahead_adaptive_step"
-#: The group's statistics of ``h`` (floats, the same in every tensor of the group).
-STAT_KEYS = (
-    "lookahead_adaptive_mean",
-    "lookahead_adaptive_sq",
-    "lookahead_adaptive_n",
-    "lookahead_adaptive_dd",
-)
 
 #: Smoothing of the statistics of h over syncs.
 BETA = 0.9

@@ -6,6 +6,7 @@ Engines and tools import these instead of retyping the strings, so a rename is o
 from __future__ import annotations
 
 __all__ = [
+    "CARRY_KEY",
     "CONFIG_KEY",
     "COUNT_KEY",
     "CURVATURE_KEY",
@@ -18,8 +19,11 @@ __all__ = [
     "OUTER_COMM_DTYPES",
     "OUTER_MOMENTUM_KEY",
     "OUTER_SCOPES",
+    "PREV_KEY",
     "PULLBACK_MODES",
     "SLOW_KEY",
+    "STAT_KEYS",
+    "STEP_KEY",
     "slow_key_for",
 ]
 
@@ -32,6 +36,21 @@ COUNT_KEY = "lookahead_count"
 CURVATURE_KEY = "lookahead_curvature"
 #: The outer momentum buffer of the cross-node outer step (``outer.momentum``), beside φ and like φ sharded.
 OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
+
+# Per-tensor state of alpha="adaptive" (none of them starts with SLOW_KEY: they are not slow weights).
+#: The displacement ``d = φ − θ_k`` of the tensor's previous sync (a tensor like φ).
+PREV_KEY = "lookahead_adaptive_prev"
+#: This tensor's share of ``qᵀd``: the part of the next displacement the momentum carries over (a float).
+CARRY_KEY = "lookahead_adaptive_carry"
+#: The inner optimizer's ``step`` count at the tensor's previous sync (a float; gives k for the carry).
+STEP_KEY = "lookahead_adaptive_step"
+#: The group's statistics of ``h`` (floats, the same in every tensor of the group).
+STAT_KEYS = (
+    "lookahead_adaptive_mean",
+    "lookahead_adaptive_sq",
+    "lookahead_adaptive_n",
+    "lookahead_adaptive_dd",
+)
 
 
 def slow_key_for(buffer_key: str) -> str:

@@ -526,6 +526,7 @@ class Lookahead(Optimizer):
             bounds=self.alpha_bounds,
             fallback=self.alpha_fallback,
             reduce_fn=self.reduce_fn,
+            k=self.param_groups[gi].get(GROUP_K, self.k),
         )
 
     def _sync(self, due: dict[int, list[Tensor]]) -> None:

@@ -136,7 +136,8 @@ class LookaheadSettings:
 
     Attributes:
         k: inner steps per cycle (per-group override: param-group key ``"lookahead_k"``).
-        alpha: slow-weights step size in (0, 1], or ``"adaptive"`` (the paper's quadratic rule).
+        alpha: slow-weights step size in (0, 1], or ``"adaptive"`` (chosen at each sync from how consecutive
+            cycles' displacements agree; see :mod:`lookahead_dist.core.adaptive`).
         pullback: at a sync, ``"none"`` keeps the inner optimizer's state, ``"reset"`` clears it,
             ``"pullback"`` interpolates the momentum-like buffers named by ``pullback_keys``.
         alpha_bounds: ``(low, high)`` clip for ``alpha="adaptive"``, ``0 < low <= high <= 1``.
