@@ -175,6 +175,7 @@ def install(
     holder = holder_for(engine)
     if settings.alpha == "adaptive":
         holder.check_adaptive()
+    holder.prepare()
     if settings.outer.scope == "nodes":
         from .outer import OuterLookahead, check_engine, per_node_checkpoints
 

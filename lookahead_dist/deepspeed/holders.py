@@ -57,6 +57,9 @@ class Holder:
     def check_adaptive(self) -> None:
         """Refuse configurations in which one α per param group cannot be formed."""
 
+    def prepare(self) -> None:
+        """Bring the holder's partitions into the state Lookahead assumes, before the first step."""
+
     def swap_in_slow(self, lookahead: Lookahead) -> Restore:
         """Make the model compute with φ; the returned function restores θ bit-exactly."""
         swap = lookahead.use_slow_weights()  # stage 0 fp32: φ lives beside the model's own weights
@@ -158,6 +161,26 @@ class Zero3Holder(_WrappingHolder):
 
     def check_adaptive(self) -> None:
         check_zero3_sub_groups(self.zero)
+
+    def prepare(self) -> None:
+        # Each parameter's partition is padded to the same size on every rank, and DeepSpeed allocates the
+        # padding without initialising it. Zero it in the fp32 partitions: otherwise φ − θ carries garbage
+        # there (decoupled weight decay scales it every step), which reaches the adaptive-α sums, the
+        # distance and the non-finite check.
+        import deepspeed.comm as dist
+
+        rank = dist.get_rank(group=self.zero.dp_process_group)
+        with torch.no_grad():
+            for params, flat in zip(self.zero.fp16_groups, self.fp32_partitions()):
+                if flat is None or flat.numel() == 0:  # swapped out (NVMe): refused elsewhere
+                    continue
+                offset = 0
+                for param in params:
+                    size = param.ds_tensor.ds_numel
+                    valid = max(0, min(size, param.ds_numel - rank * size))
+                    if valid < size:
+                        flat.narrow(0, offset + valid, size - valid).zero_()
+                    offset += size
 
     def swap_in_slow(self, lookahead: Lookahead) -> Restore:
         # φ goes into this rank's bit16 partitions, which the next forward gathers as usual.
