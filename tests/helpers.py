@@ -281,3 +281,25 @@ class CollectiveLog:
         with self.counting() as calls:
             fn()
         return calls
+
+
+# ------------------------------------------------------------------ inside a launched script
+def run_cases(cases: Iterable[str], run_case: Callable[[str], Any], out: str | Path) -> None:
+    """Run each case on every rank, record its result (or its error, then stop: the ranks may be out of step),
+    let rank 0 write them to ``out`` as JSON, then leave the process group."""
+    import json
+    import traceback
+
+    import torch.distributed as dist
+
+    results: dict[str, Any] = {}
+    for case in cases:
+        try:
+            results[case] = run_case(case)
+        except Exception as exc:  # noqa: BLE001 - recorded per case so the test shows the error
+            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+            break
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -22,8 +22,6 @@ and DTensor parameters. Rank 0 writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ from tests.dist.fsdp_common import (
     rank_batch,
     reference_run,
 )
+from tests.helpers import run_cases
 from tests.reference import max_abs_diff
 
 STEPS, PER_RANK = 8, 4
@@ -318,28 +317,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results: dict[str, Any] = {}
-    for case in args.cases.split(","):
-        try:
-            if case in ("adamw", "sgd"):
-                results[case] = case_trajectory(case)
-            elif case == "dcp":
-                results[case] = case_dcp(args.tmp)
-            elif case == "mp":
-                results[case] = case_mixed_precision()
-            elif case == "adaptive":
-                results[case] = case_adaptive()
-            elif case == "refuse":
-                results[case] = case_refuse()
-            else:
-                raise ValueError(case)
-        except Exception as exc:  # noqa: BLE001 - recorded per case so the test shows the error
-            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
-            break  # ranks may be out of step after an exception
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    cases: dict[str, Any] = {
+        "adamw": lambda: case_trajectory("adamw"),
+        "sgd": lambda: case_trajectory("sgd"),
+        "dcp": lambda: case_dcp(args.tmp),
+        "mp": case_mixed_precision,
+        "adaptive": case_adaptive,
+        "refuse": case_refuse,
+    }
+    run_cases(args.cases.split(","), lambda case: cases[case](), args.out)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ Rank 0 writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from lookahead_dist.core.keys import SLOW_KEY
 from lookahead_dist.lightning import CPUFSDPStrategy
 from tests.dist.fsdp_common import ALPHA, Comms, K, make_data, make_inner, make_net, reference_run
 from tests.dist.pl_common import Capture, Rows, loader
+from tests.helpers import run_cases
 from tests.reference import max_abs_diff
 
 warnings.filterwarnings("ignore")
@@ -232,17 +231,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results: dict[str, Any] = {}
-    for case in args.cases.split(","):
-        try:
-            results[case] = run_case(case, args.tmp)
-        except Exception as exc:  # noqa: BLE001 - recorded per case so one failure does not hide the others
-            results[case] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
-            break  # ranks may be out of step after an exception
-    if dist.get_rank() == 0:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_cases(args.cases.split(","), lambda case: run_case(case, args.tmp), args.out)
 
 
 if __name__ == "__main__":
