@@ -45,12 +45,14 @@ and decides for it alone (under DDP the replicas are identical, so they decide a
 
 from __future__ import annotations
 
+import operator
 import sys
 import warnings
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -72,6 +74,12 @@ from .state_check import check_state_dict
 from .sync import CHUNK, SyncPlan, local, make_slow, nonfinite_tensors, sync_
 
 __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "slow_key_for"]
+
+# C-level getters: the per-step bookkeeping reads one attribute or key of every tensor, never in a
+# Python-level loop body (see ``_step``).
+_GRAD = operator.attrgetter("grad")
+_COUNT = operator.itemgetter(COUNT_KEY)
+_SLOW = operator.itemgetter(SLOW_KEY)
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -258,6 +266,7 @@ class Lookahead(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # Like torch.optim.Optimizer: hooks are not pickled, nor the per-instance `step` wrapper an
         # LR scheduler installs (a local function, which made pickling fail once a scheduler existed).
+        self._drop_plan()
         return {
             k: v
             for k, v in self.__dict__.items()
@@ -292,7 +301,7 @@ class Lookahead(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._check_group(param_group)
         self.optimizer.add_param_group(param_group)
-        self._plan = None
+        self._drop_plan()
 
     # state_dict is the inner's: φ and the counters are per-tensor inner state, so every engine path
     # that saves optimizer.state generically (per-rank ZeRO files, NVMe swapping) carries them.
@@ -304,7 +313,7 @@ class Lookahead(Optimizer):
         check_state_dict(self, state_dict)  # before the inner load: a bad file changes nothing
         self.optimizer.load_state_dict(state_dict)
         self._spare.clear()
-        self._plan = None  # the state dicts (and the tensors in them) are new objects
+        self._drop_plan()  # the state dicts (and the tensors in them) are new objects
         self._keys_checked = None
 
     def register_state_dict_pre_hook(self, hook, prepend: bool = False):  # type: ignore[no-untyped-def]
@@ -344,8 +353,16 @@ class Lookahead(Optimizer):
         groups = self.optimizer.param_groups
         plan = self._plan
         if plan is None or not plan.valid(self.optimizer.state, groups):
-            plan = self._plan = _Plan(self.optimizer.state, groups)
+            self._drop_plan()
+            plan = self._plan = _Plan(self.optimizer.state, groups, self._syncs_of)
         return plan
+
+    def _drop_plan(self) -> None:
+        """Forget the cached plan, keeping the per-tensor sync counts it held."""
+        plan = self.__dict__.get("_plan")
+        if plan is not None:
+            plan.fold(self._syncs_of)
+            self._plan = None
 
     def _step(self) -> None:
         self._steps_taken += 1
@@ -369,8 +386,7 @@ class Lookahead(Optimizer):
                 st = inner_state[p]
                 st[SLOW_KEY] = snap
                 st[COUNT_KEY] = 0
-                plan.tracked[gi].append((p, st))
-                plan.buckets.pop(gi, None)
+                plan.track(gi, p, st, self._syncs_of.get(p, 0))
             plan.fresh = [(gi, p) for gi, p in plan.fresh if p.grad is None]
             plan.has_dtensor = plan.has_dtensor or any(_maybe_dtensor(p) for _, p in fresh)
         if self.pullback == "pullback" and self._keys_checked != self.pullback_keys:
@@ -380,34 +396,62 @@ class Lookahead(Optimizer):
 
         # Per tensor and only with a gradient: a tensor the inner optimizer did not update this step
         # (no gradient: a skipped training_step, a closure returning None) does not advance its cycle.
+        # The usual case, every tensor of a group with a gradient and the same count, is decided for
+        # the group at once: the counters and gradients are read with C-level map() calls and the new
+        # count written back, no per-tensor Python logic. Anything else takes the per-tensor path.
         defer = self.settings.nonfinite == "raise"  # then nothing may change before the check
-        pending: list[tuple[dict[str, Any], int]] = []
+        pending: list[tuple[list[dict[str, Any]], int]] = []
         due: dict[int, list[Tensor]] = {}
-        for gi, entries in enumerate(plan.tracked):
+        synced: dict[int, list[int] | None] = {}  # per group: indices that sync (None: all of them)
+        for gi, (params, states) in enumerate(zip(plan.params, plan.states)):
+            if not params:
+                continue
             k = group_k[gi]
-            group_due: list[Tensor] | None = None
-            for p, st in entries:
-                if p.grad is None:
-                    continue
-                count = st.get(COUNT_KEY, 0) + 1
+            try:
+                counts = list(map(_COUNT, states))
+            except KeyError:
+                counts = [st.get(COUNT_KEY, 0) for st in states]
+            first = counts[0]
+            # (``x in`` would compare tensors with ``==``; ``is_not`` is an identity test.)
+            if all(map(operator.is_not, map(_GRAD, params), repeat(None))) and min(counts) == first == max(counts):
+                count = first + 1
                 if count >= k:
-                    if group_due is None:
-                        group_due = due[gi] = []
-                    group_due.append(p)
+                    due[gi] = params
+                    synced[gi] = None
                     count = 0
                 if defer:
-                    pending.append((st, count))
+                    pending.append((states, count))
+                else:
+                    for st in states:
+                        st[COUNT_KEY] = count
+                continue
+            group_due: list[Tensor] = []
+            group_idx: list[int] = []
+            for i, (p, st, count) in enumerate(zip(params, states, counts)):
+                if p.grad is None:
+                    continue
+                count += 1
+                if count >= k:
+                    group_due.append(p)
+                    group_idx.append(i)
+                    count = 0
+                if defer:
+                    pending.append(([st], count))
                 else:
                     st[COUNT_KEY] = count
+            if group_due:
+                due[gi] = group_due
+                synced[gi] = group_idx
         if due and defer:
             self._raise_if_nonfinite(due)
-        for st, count in pending:
-            st[COUNT_KEY] = count
+        for states, count in pending:
+            for st in states:
+                st[COUNT_KEY] = count
         if due:
             self._sync(due)
-            self._record_syncs(due)
+            self._record_syncs(plan, synced)
             if self.pullback == "reset":
-                self._plan = None  # the synced tensors' state was cleared: they start fresh
+                self._drop_plan()  # the synced tensors' state was cleared: they start fresh
 
     def _snapshots(self, params: list[Tensor]) -> list[Tensor]:
         """φ₀ = θ for tensors about to get slow weights: the slow tensors released by a "reset" sync are
@@ -588,13 +632,13 @@ class Lookahead(Optimizer):
         if (
             plan is not None
             and not plan.has_dtensor
-            and gi < len(plan.tracked)
-            and len(params) == len(plan.tracked[gi])
+            and gi < len(plan.params)
+            and len(params) == len(plan.params[gi])
         ):
             cached = plan.buckets.get(gi)
             if cached is None:
                 by_key: dict[tuple[torch.device, torch.dtype], list[Any]] = {}
-                for p, st in plan.tracked[gi]:
+                for p, st in zip(plan.params[gi], plan.states[gi]):
                     entry = by_key.setdefault((p.device, p.dtype), [[], [], None])
                     entry[0].append(p)
                     entry[1].append(st)
@@ -602,7 +646,7 @@ class Lookahead(Optimizer):
             out = []
             for entry in cached:
                 fast, sts, runner = entry
-                slow = [st[SLOW_KEY] for st in sts]
+                slow = list(map(_SLOW, sts))
                 if runner is None or not runner.valid(slow):
                     runner = entry[2] = SyncPlan(fast, slow)
                 out.append((fast, runner))
@@ -634,15 +678,11 @@ class Lookahead(Optimizer):
         )
 
     @torch._disable_dynamo
-    def _record_syncs(self, due: dict[int, list[Tensor]]) -> None:
+    def _record_syncs(self, plan: _Plan, synced: dict[int, list[int] | None]) -> None:
         # Under torch.compile, dynamo drops attribute updates on an Optimizer; run this eagerly.
-        syncs = self._syncs_of
         most = self.sync_count
-        for params in due.values():
-            for p in params:
-                n = syncs.get(p, 0) + 1
-                syncs[p] = n
-                most = max(most, n)
+        for gi, indices in synced.items():
+            most = max(most, plan.record(gi, indices))
         self.sync_count = most
 
     def _count_sync(self) -> None:
@@ -738,30 +778,58 @@ class _Plan:
     """What a step needs, cached across steps while the param groups and the state dict are the same.
 
     Holds the group dicts and their ``params`` lists themselves (so their ids cannot be reused while
-    cached) and, per group, ``(tensor, its state dict)`` for the tensors that have slow weights. It is
-    rebuilt when the inner optimizer's ``state`` object, a group, a ``params`` list or its length
-    changes (``load_state_dict``, ``add_param_group``, ZeRO swapping the groups it shows), and after a
+    cached) and, per group, the tensors that have slow weights with their state dicts. It is rebuilt
+    when the inner optimizer's ``state`` object, a group, a ``params`` list or its length changes
+    (``load_state_dict``, ``add_param_group``, ZeRO swapping the groups it shows), and after a
     ``"reset"`` sync.
+
+    It also keeps each tracked tensor's number of syncs (for ``Lookahead.sync_count``): a sync of a
+    whole group adds one to the group's ``bonus`` instead of to every tensor, and :meth:`fold` writes
+    the totals back to the wrapper's per-tensor dict when the plan is dropped.
     """
 
-    __slots__ = ("buckets", "fresh", "groups", "has_dtensor", "lens", "lists", "state", "tracked")
+    __slots__ = (
+        "bonus",
+        "buckets",
+        "fresh",
+        "groups",
+        "has_dtensor",
+        "lens",
+        "lists",
+        "most",
+        "params",
+        "state",
+        "states",
+        "syncs",
+    )
 
-    def __init__(self, state: Any, groups: list[dict[str, Any]]) -> None:
+    def __init__(self, state: Any, groups: list[dict[str, Any]], syncs_of: dict[Tensor, int]) -> None:
         self.state = state
         self.groups = list(groups)
         self.lists = [g["params"] for g in groups]
         self.lens = [len(params) for params in self.lists]
-        self.tracked: list[list[tuple[Tensor, dict[str, Any]]]] = []
+        self.params: list[list[Tensor]] = []  # per group, the tensors with slow weights
+        self.states: list[list[dict[str, Any]]] = []  # ... and their state dicts
+        self.syncs: list[list[int]] = []  # ... and their syncs, not counting ``bonus``
+        self.bonus: list[int] = []  # per group, whole-group syncs since this plan was built
+        self.most: list[int] = []  # per group, the most syncs of one of its tensors
         self.fresh: list[tuple[int, Tensor]] = []  # no slow weights yet
         for gi, params in enumerate(self.lists):
-            entries = []
+            tracked: list[Tensor] = []
+            states: list[dict[str, Any]] = []
             for p in params:
                 st = state.get(p)
                 if st is not None and SLOW_KEY in st:
-                    entries.append((p, st))
+                    tracked.append(p)
+                    states.append(st)
                 else:
                     self.fresh.append((gi, p))
-            self.tracked.append(entries)
+            counts = [syncs_of.get(p, 0) for p in tracked] if syncs_of else [0] * len(tracked)
+            self.params.append(tracked)
+            self.states.append(states)
+            self.syncs.append(counts)
+            self.bonus.append(0)
+            self.most.append(max(counts, default=0))
         # Per group, the tracked tensors by (device, dtype) for the sync; built at the first sync.
         self.buckets: dict[int, list[list[Any]]] = {}
         self.has_dtensor = any(_maybe_dtensor(p) for params in self.lists for p in params)
@@ -773,6 +841,32 @@ class _Plan:
             if group is not cached or group["params"] is not params or len(params) != n:
                 return False
         return True
+
+    def track(self, gi: int, p: Tensor, st: dict[str, Any], syncs: int) -> None:
+        """``p`` (of group ``gi``) just got slow weights; it had synced ``syncs`` times before."""
+        self.params[gi].append(p)
+        self.states[gi].append(st)
+        self.syncs[gi].append(syncs - self.bonus[gi])
+        self.most[gi] = max(self.most[gi], syncs)
+        self.buckets.pop(gi, None)
+
+    def record(self, gi: int, indices: list[int] | None) -> int:
+        """One sync of group ``gi``'s tensors ``indices`` (None: all); returns the group's most syncs."""
+        if indices is None:
+            self.bonus[gi] += 1
+            self.most[gi] += 1
+        else:
+            counts, bonus = self.syncs[gi], self.bonus[gi]
+            for i in indices:
+                counts[i] += 1
+                self.most[gi] = max(self.most[gi], counts[i] + bonus)
+        return self.most[gi]
+
+    def fold(self, syncs_of: dict[Tensor, int]) -> None:
+        for params, counts, bonus in zip(self.params, self.syncs, self.bonus):
+            for p, n in zip(params, counts):
+                if n + bonus:
+                    syncs_of[p] = n + bonus
 
 
 def _maybe_dtensor(p: Tensor) -> bool:

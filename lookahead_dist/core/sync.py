@@ -7,9 +7,13 @@ they outgrow the cache. So, on CPU:
 * a tensor of at least :data:`SMALL` elements is processed alone, in blocks of :data:`CHUNK` elements:
   per block, ``lerp(φ, θ, α)`` is written into θ (φ still holds the old value), checked and copied
   into φ while the block is in cache, so memory is streamed once and the check reads cached data;
-* smaller tensors are processed in batches of up to :data:`BATCH` elements with the multi-tensor
-  (``_foreach``) kernels, so that the copy reads what the lerp just wrote from cache, with one fused
-  check per batch (GradScaler's non-finite kernel) and no Python-level operation per tensor.
+* tiny tensors (below :data:`TINY` elements: biases, norms) get their φ as views of one flat buffer
+  (:func:`make_slow`); a run of them is gathered into a scratch buffer (one ``torch.cat``), checked and
+  lerped as one flat tensor and scattered back: two per-tensor operations, not three;
+* the others (and tiny ones whose φ are separate tensors, e.g. loaded from a checkpoint written
+  elsewhere) are processed in batches of up to :data:`BATCH` elements with the multi-tensor
+  (``_foreach``) kernels, so that the copy reads what the lerp just wrote from cache; the check is one
+  sum per tensor, one fused kernel (GradScaler's) for the tiny ones.
 
 On other devices (CUDA) the multi-tensor kernels run on the whole list (fused launches), with one
 fused non-finite check and one device-to-host transfer per call.
@@ -32,13 +36,14 @@ so nothing in this module communicates.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BATCH", "CHUNK", "SMALL", "SyncPlan", "SyncReport", "local", "make_slow", "nonfinite_tensors", "sync_"]
+__all__ = ["BATCH", "CHUNK", "SMALL", "TINY", "SyncPlan", "SyncReport", "local", "make_slow", "nonfinite_tensors", "sync_"]
 
 #: Elements per block for large CPU tensors (1 MiB of fp32 each for θ and φ).
 CHUNK = 1 << 18
@@ -46,11 +51,14 @@ CHUNK = 1 << 18
 BATCH = 1 << 18
 #: CPU tensors below this many elements are "small" and sync in batches (per-tensor dispatch dominates
 #: there); larger ones sync one by one, block by block. Chosen by measurement on the benchmark machine.
-SMALL = 1 << 18
-#: Whether new φ of small CPU tensors share flat buffers (see :func:`make_slow`). Off: measured on the
-#: shared 2-core benchmark machine it was no faster than per-tensor batches (benchmarks/RESULTS.md), and
-#: separate φ tensors are simpler for every tool that reads the state. The sync still recognises flat φ.
-FLAT_SMALL = False
+SMALL = 1 << 15
+#: CPU tensors below this many elements are "tiny" (biases, norms): their new φ share one flat buffer
+#: (see :func:`make_slow`) so that a run of them syncs as a few flat operations, the check included,
+#: instead of three multi-tensor passes. Between TINY and SMALL a tensor's check is one sum of it.
+TINY = 1 << 14
+#: Whether new φ of tiny CPU tensors are views of one flat buffer (measured: 0.3-0.6 ms less per sync
+#: for 500 tensors of 2k elements than multi-tensor batches, benchmarks/RESULTS.md "bench_peers").
+FLAT_SMALL = True
 
 #: (index into the lists, blocks kept, blocks in the tensor) for each tensor with a non-finite block.
 SyncReport = list[tuple[int, int, int]]
@@ -87,9 +95,10 @@ def local(t: Tensor) -> Tensor:
 
 def _finite(block: Tensor) -> bool:
     # A sum is NaN/inf iff some element is (inf − inf is NaN too); unlike isfinite().all() it allocates
-    # nothing and runs at cache speed. Finite values whose sum overflows (|θ| ~ 1e34 over many elements)
-    # would also read as non-finite: such weights are broken anyway.
-    return bool(torch.isfinite(block.sum()))
+    # no mask and runs at cache speed, and testing the Python float saves two tensor ops per call.
+    # Finite values whose sum overflows (|θ| ~ 1e34 over many elements) would also read as non-finite:
+    # such weights are broken anyway.
+    return math.isfinite(block.sum().item())
 
 
 def _any_nonfinite(tensors: list[Tensor]) -> bool:
@@ -135,13 +144,15 @@ def sync_(fast: list[Tensor], slow: list[Tensor], alpha: float, *, check: bool =
 def make_slow(params: list[Tensor]) -> list[Tensor]:
     """φ₀ = θ for each tensor: copies with the tensor's layout.
 
-    Small contiguous CPU tensors of one dtype get views into one flat buffer (in list order), which
-    lets their sync run as a few operations on flat memory instead of several per tensor.
+    Tiny (< :data:`TINY` elements) contiguous CPU tensors of one dtype get views into one flat buffer (in
+    list order), which lets their sync run as a few operations on flat memory instead of several per
+    tensor. The views are ordinary tensors to every reader of the state (``torch.save`` stores the shared
+    buffer once).
     """
     out: list[Tensor | None] = [None] * len(params)
     small: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
-        if FLAT_SMALL and p.device.type == "cpu" and p.numel() < SMALL and p.is_contiguous() and type(p) in _PLAIN:
+        if FLAT_SMALL and p.device.type == "cpu" and p.numel() < TINY and p.is_contiguous() and type(p) in _PLAIN:
             small.setdefault(p.dtype, []).append(i)
         else:
             out[i] = p.detach().clone(memory_format=torch.preserve_format)
@@ -164,32 +175,42 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 class _FlatRun:
-    """Small tensors whose φ are consecutive views of one flat buffer: synced with flat operations.
+    """Tiny tensors whose φ are consecutive views of one flat buffer: synced with flat operations.
 
-    θ is gathered into a scratch buffer of the run's size (one multi-tensor copy), checked and lerped
-    flat, and φ scattered back into θ (one multi-tensor copy): two multi-tensor operations per run
-    instead of a lerp, a copy and a check per tensor.
+    θ is gathered into a scratch buffer (one ``torch.cat`` for 1-D tensors, else one multi-tensor copy),
+    checked and lerped flat, and φ scattered back into θ (one multi-tensor copy): two per-tensor
+    operations per run instead of a check, a lerp and a copy per tensor. The scratch is shared by the
+    runs of one :class:`SyncPlan` (at most about :data:`BATCH` elements).
     """
 
-    __slots__ = ("fast", "idx", "scratch", "scratch_views", "slow", "slow_flat")
+    __slots__ = ("catable", "fast", "idx", "scratch", "scratch_views", "slow", "slow_flat")
 
     def __init__(self, idx: list[int], fast: list[Tensor], slow: list[Tensor], slow_flat: Tensor) -> None:
         self.idx = idx
         self.fast = fast
         self.slow = slow
         self.slow_flat = slow_flat
-        self.scratch = torch.empty_like(slow_flat)
+        # 1-D θ can be gathered by one torch.cat (a serial copy in C++, cheaper per tensor than a
+        # multi-tensor copy); other shapes would need a cached flat view per tensor, which goes stale
+        # when an engine re-points ``p.data``.
+        self.catable = all(t.dim() == 1 and t.is_contiguous() for t in fast)
+
+    def bind(self, scratch: Tensor) -> None:
+        self.scratch = scratch[: self.slow_flat.numel()]
         self.scratch_views = []
         offset = 0
-        for t in fast:
+        for t in self.fast:
             self.scratch_views.append(self.scratch[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
 
     def run(self, alpha: float, check: bool, report: SyncReport) -> None:
-        torch._foreach_copy_(self.scratch_views, self.fast)  # gather θ
+        if self.catable:
+            torch.cat(self.fast, out=self.scratch)  # gather θ
+        else:
+            torch._foreach_copy_(self.scratch_views, self.fast)
         if check and not _finite(self.scratch):  # rare: find the tensors, as a plain batch
             inner: SyncReport = []
-            _sync_batch(self.fast, self.slow, list(range(len(self.fast))), alpha, check, inner)
+            _sync_batch(list(range(len(self.fast))), self.fast, self.slow, [], self.fast, alpha, check, inner)
             report.extend((self.idx[i], kept, blocks) for i, kept, blocks in inner)
             return
         self.slow_flat.lerp_(self.scratch, alpha)
@@ -226,29 +247,44 @@ class SyncPlan:
                 pending, elems = [], 0
         if pending:
             self._add_small(pending)
+        runs = [what for kind, what in self.items if kind == "flat"]
+        if runs:  # one scratch buffer for all runs (one plan holds one dtype), the size of the largest
+            scratch = runs[0].slow_flat.new_empty(max(r.slow_flat.numel() for r in runs))
+            for r in runs:
+                r.bind(scratch)
 
     def _add_small(self, idx: list[int]) -> None:
-        # Split into maximal runs whose φ follow each other in one storage.
-        runs: list[list[int]] = []
-        for i in idx:
+        # Tensors whose φ are views of a shared buffer, in storage order (the sync order of independent
+        # tensors is free), split into maximal runs that follow each other in one storage.
+        def where(i: int) -> tuple[int, int]:
             s = self.slow[i]
-            if runs and _follows(self.slow[runs[-1][-1]], s):
+            return s.untyped_storage().data_ptr(), int(s.storage_offset())
+
+        shared = sorted((i for i in idx if _is_view_of_larger(self.slow[i])), key=where)
+        runs: list[list[int]] = []
+        for i in shared:
+            if runs and _follows(self.slow[runs[-1][-1]], self.slow[i]):
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        loose: list[int] = []
+        in_runs: set[int] = set()
         for run in runs:
             if len(run) < 2:
-                loose.extend(run)
                 continue
+            in_runs.update(run)
             head = self.slow[run[0]]
             total = sum(self.slow[i].numel() for i in run)
             flat = head.new_empty(0).set_(head.untyped_storage(), head.storage_offset(), (total,), (1,))
-            self.items.append(
-                ("flat", _FlatRun(run, [self.fast[i] for i in run], [self.slow[i] for i in run], flat))
-            )
+            self.items.append(("flat", _FlatRun(run, [self.fast[i] for i in run], [self.slow[i] for i in run], flat)))
+        loose = [i for i in idx if i not in in_runs]
         if loose:
-            self.items.append(("batch", loose))
+            fs = [self.fast[i] for i in loose]
+            ss = [self.slow[i] for i in loose]
+            # The check: one sum per tensor of at least TINY elements (data-bound, no write), one
+            # multi-tensor kernel for the tiny rest (dispatch-bound).
+            sums = [t for t in fs if t.numel() >= TINY]
+            rest = [t for t in fs if t.numel() < TINY]
+            self.items.append(("batch", (loose, fs, ss, sums, rest)))
 
     def valid(self, slow: list[Tensor]) -> bool:
         return len(slow) == len(self.slow) and all(map(operator.is_, slow, self.slow))
@@ -266,10 +302,15 @@ class SyncPlan:
             elif kind == "flat":
                 what.run(alpha, check, report)
             elif kind == "batch":
-                _sync_batch(fast, slow, what, alpha, check, report)
+                idx, fs, ss, sums, rest = what
+                _sync_batch(idx, fs, ss, sums, rest, alpha, check, report)
             else:
                 report.extend(_sync_foreach(fast, slow, alpha, check))
         return report
+
+
+def _is_view_of_larger(s: Tensor) -> bool:
+    return s.is_contiguous() and s.untyped_storage().nbytes() > s.numel() * s.element_size()
 
 
 def _follows(prev: Tensor, s: Tensor) -> bool:
@@ -305,17 +346,17 @@ def _sync_blocks(f: Tensor, s: Tensor, alpha: float, check: bool) -> int:
 
 
 def _sync_batch(
-    fast: list[Tensor],
-    slow: list[Tensor],
     idx: list[int],
+    fs: list[Tensor],
+    ss: list[Tensor],
+    sums: list[Tensor],
+    rest: list[Tensor],
     alpha: float,
     check: bool,
     report: SyncReport,
 ) -> None:
-    fs = [fast[i] for i in idx]
-    ss = [slow[i] for i in idx]
-    # One multi-tensor check for the whole batch; only a batch that fails is inspected tensor by tensor.
-    if check and _any_nonfinite(fs):
+    # The batch is checked as a whole first; only a batch that fails is inspected tensor by tensor.
+    if check and (not all(map(_finite, sums)) or (rest and _any_nonfinite(rest))):
         bad = set(nonfinite_tensors(fs))
         if bad:
             for j in sorted(bad):
