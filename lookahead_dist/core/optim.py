@@ -49,7 +49,7 @@ import operator
 import sys
 import warnings
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import repeat
@@ -80,6 +80,11 @@ __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "
 _GRAD = operator.attrgetter("grad")
 _COUNT = operator.itemgetter(COUNT_KEY)
 _SLOW = operator.itemgetter(SLOW_KEY)
+
+
+def _set_counts(states: list[dict[str, Any]], count: int) -> None:
+    # state[COUNT_KEY] = count for every state dict, iterated in C (map + a zero-length deque).
+    deque(map(operator.setitem, states, repeat(COUNT_KEY), repeat(count)), maxlen=0)
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -422,8 +427,7 @@ class Lookahead(Optimizer):
                 if defer:
                     pending.append((states, count))
                 else:
-                    for st in states:
-                        st[COUNT_KEY] = count
+                    _set_counts(states, count)
                 continue
             group_due: list[Tensor] = []
             group_idx: list[int] = []
@@ -445,8 +449,7 @@ class Lookahead(Optimizer):
         if due and defer:
             self._raise_if_nonfinite(due)
         for states, count in pending:
-            for st in states:
-                st[COUNT_KEY] = count
+            _set_counts(states, count)
         if due:
             self._sync(due)
             self._record_syncs(plan, synced)
