@@ -815,6 +815,9 @@ def main() -> None:
     parser.add_argument(
         "--variants-only", action="store_true", help="only the k/α variants at the default lr"
     )
+    parser.add_argument(
+        "--no-variants", action="store_true", help="only the lr sweep (inner and Lookahead k5 α0.5)"
+    )
     parser.add_argument("--no-report", action="store_true", help="train only")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -839,7 +842,9 @@ def main() -> None:
         todo = [
             t
             for t in plan(seeds, set(filter(None, args.only.split(","))), families)
-            if run_key(*t, steps, task) not in done and not (args.variants_only and t[2] in SWEPT)
+            if run_key(*t, steps, task) not in done
+            and not (args.variants_only and t[2] in SWEPT)
+            and not (args.no_variants and t[2] not in SWEPT)
         ]
         print(f"[paper] {task}: {len(todo)} runs to do, {len(done)} stored in {store}", flush=True)
         for i, (family, lr, variant, seed) in enumerate(todo, 1):
