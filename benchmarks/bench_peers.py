@@ -117,6 +117,23 @@ def load_peers(folder: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 K_NOW = [1]  # k the peer factories use (set per measurement)
+PREVIOUS: list[Any] = [None]  # Lookahead class of an earlier commit's core (--previous), or None
+
+
+def load_previous(folder: Path) -> Any:
+    """``Lookahead`` from a copy of an earlier ``lookahead_dist/core`` (``git archive REV lookahead_dist/core``).
+
+    The core has only relative imports, so it loads as a package of another name beside the current one.
+    """
+    core = folder / "lookahead_dist" / "core"
+    spec = importlib.util.spec_from_file_location(
+        "_previous_core", core / "__init__.py", submodule_search_locations=[str(core)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_previous_core"] = module
+    spec.loader.exec_module(module)
+    return module.Lookahead
 
 
 def make_tensors(shapes: list[tuple[int, ...]], seed: int) -> list[Tensor]:
@@ -173,6 +190,8 @@ def contenders(
     unchecked = Lookahead(inner(params()), k=k, alpha=ALPHA)
     unchecked._nonfinite_check = False  # private switch: the same sync without the non-finite check
     made["ours, no check"] = unchecked.step
+    if PREVIOUS[0] is not None:
+        made["previous core"] = PREVIOUS[0](inner(params()), k=k, alpha=ALPHA).step
     made["foreach"] = Manual(inner(params()), k, "foreach").step
     made["loop"] = Manual(inner(params()), k, "loop").step
     for name, factory in peers.items():
@@ -262,6 +281,40 @@ def amortized_case(shape_name: str, kind: str, peers: dict[str, Any], rounds: in
     }
 
 
+def nonsync_case(shape_name: str, rounds: int) -> dict[str, Any]:
+    """Bookkeeping on steps that do not sync: Lookahead(k=10⁹) over fused AdamW minus fused AdamW, µs/step."""
+    shapes = SHAPES[shape_name]
+
+    def adamw() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(groups_of(make_tensors(shapes, seed=0), shape_name), lr=1e-4, fused=True)
+
+    fns: dict[str, Callable[[], Any]] = {"adamw": adamw().step, "ours": Lookahead(adamw(), k=10**9).step}
+    if PREVIOUS[0] is not None:
+        fns["previous core"] = PREVIOUS[0](adamw(), k=10**9).step
+    times = measure(fns, rounds, 20)
+    base = times["adamw"]
+    return {
+        "shape": shape_name,
+        "adamw_step_us": 1e6 * statistics.median(base),
+        "overhead_us": {
+            name: summary([1e6 * (v - b) for v, b in zip(vals, base)]) for name, vals in times.items() if name != "adamw"
+        },
+    }
+
+
+def nonsync_table(rows: list[dict[str, Any]]) -> list[str]:
+    names = [n for n in ("ours", "previous core") if n in rows[0]["overhead_us"]]
+    lines = ["| tensors | fused AdamW µs/step | " + " | ".join(f"{n} +µs" for n in names) + " |"]
+    lines.append("|" + "---|" * (len(names) + 2))
+    for r in rows:
+        cells = [
+            f"{r['overhead_us'][n]['median']:+.0f} [{r['overhead_us'][n]['min']:+.0f} to {r['overhead_us'][n]['max']:+.0f}]"
+            for n in names
+        ]
+        lines.append(f"| {r['shape']} | {r['adamw_step_us']:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def fmt(s: dict[str, float], digits: int = 2) -> str:
     return f"{s['median']:.{digits}f}× [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
@@ -327,13 +380,22 @@ def main() -> None:
     parser.add_argument("--amortized", nargs="*", default=["for-loop", "fused"], choices=["for-loop", "fused"])
     parser.add_argument("--quick", action="store_true", help="two small shapes, 9 rounds, no amortized part")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="folder holding an earlier commit's lookahead_dist/core (git archive REV lookahead_dist/core | tar -x -C DIR),"
+        " measured as 'previous core'",
+    )
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.rounds, args.amortized = QUICK, 9, []
     torch.set_num_threads(1)
     peers, versions = load_peers(args.peers)
-    names = ["ours", "ours, no check", "foreach", "loop", *peers]
+    if args.previous is not None:
+        PREVIOUS[0] = load_previous(args.previous)
+    names = ["ours", "ours, no check", *(["previous core"] if args.previous else []), "foreach", "loop", *peers]
     started = time.perf_counter()
     sync_rows = []
     for shape in args.shapes:
@@ -344,6 +406,9 @@ def main() -> None:
         for shape in args.shapes:
             amort_rows.append(amortized_case(shape, kind, peers, max(5, args.rounds // 2)))
             print(amortized_table(amort_rows[-1:], names)[-1], flush=True)
+    nonsync_rows = [nonsync_case(shape, max(5, args.rounds // 2)) for shape in args.shapes] if args.amortized else []
+    if nonsync_rows:
+        print("\n".join(nonsync_table(nonsync_rows)), flush=True)
     elapsed = time.perf_counter() - started
     lines = sync_table(sync_rows, names)
     best_lines = sync_table(sync_rows, names, best=True)
@@ -351,7 +416,9 @@ def main() -> None:
     print("\n".join(["", *lines, "", *amort]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_peers.json").write_text(
-        json.dumps({"versions": versions, "sync": sync_rows, "amortized": amort_rows}, indent=1)
+        json.dumps(
+            {"versions": versions, "sync": sync_rows, "amortized": amort_rows, "nonsync": nonsync_rows}, indent=1
+        )
     )
     plot(sync_rows, names, args.out / "bench_peers.png")
     if args.no_results_md:
@@ -362,8 +429,8 @@ def main() -> None:
         *environment_lines("cpu"),
         f"- peers (pip install --no-deps --target, benchmark only): {peer_versions}",
         (f"- command: `{command.strip()}` ({elapsed:.0f} s); {args.rounds} interleaved rounds; thread CPU time, "
-        "1 torch thread. Other agents' processes were running on this 2-core machine throughout: cache and "
-        "memory bandwidth were shared, which thread CPU time does not remove (spreads below)."),
+        "1 torch thread (the load average above says whether other work shared the machine: thread CPU time "
+        "does not remove shared cache and memory bandwidth)."),
         "",
         ("Sync cost over the memory floor (k=1 over SGD lr 1e-9, so every step syncs; cost = step − SGD step; "
         "floor = two copies of the tensors, i.e. the 16 bytes/element a sync must move; median "
@@ -382,6 +449,14 @@ def main() -> None:
             "k=5 amortized over a cycle: 5 steps of the contender / 5 AdamW steps (1.000× = free):",
             "",
             *amort,
+        ]
+    if nonsync_rows:
+        body += [
+            "",
+            "Steps that do not sync (bookkeeping only): Lookahead(k=10⁹) over fused AdamW minus fused AdamW, µs "
+            "per step, median [min to max of 5 sub-block medians]:",
+            "",
+            *nonsync_table(nonsync_rows),
         ]
     body += ["", "![sync cost over the floor](bench_peers.png)"]
     update_section(HERE / "RESULTS.md", "bench_peers", "\n".join(body))
