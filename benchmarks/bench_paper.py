@@ -627,7 +627,6 @@ def nmt_plots(groups: dict) -> list[str]:
                 lo, hi = [min(v) for v in mat], [max(v) for v in mat]
                 ax.plot(steps, mean, color=color, label="inner" if variant == "inner" else "Lookahead")
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.25)
-            ax.set_yscale("log")
             ax.set_title(f"{family} peak lr={lr:g}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
         row[0].set_ylabel("val NLL (teacher-forced)")
