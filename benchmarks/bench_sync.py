@@ -79,6 +79,9 @@ def environment_lines(device: str) -> list[str]:
     ]
 
 
+READING = "<!-- reading -->"
+
+
 def update_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the part of RESULTS.md between the markers for ``name``."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
@@ -87,6 +90,11 @@ def update_section(path: Path, name: str, body: str) -> None:
         if path.exists()
         else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
     )
+    if begin in text and end in text:
+        # A hand-written reading below "<!-- reading -->" survives a re-run that writes none of its own.
+        old_block = text.split(begin, 1)[1].split(end, 1)[0]
+        if READING in old_block and READING not in body:
+            body = body.rstrip("\n") + "\n\n" + READING + old_block.split(READING, 1)[1].rstrip("\n")
     block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)

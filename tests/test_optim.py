@@ -993,3 +993,36 @@ def test_flat_slow_weights_for_small_tensors_match_reference(monkeypatch: pytest
         assert max_abs_diff([p, opt.state[p][SLOW_KEY]], [q, ref.slow[q]]) <= TOL
     assert torch.equal(opt.state[model.head.bias][SLOW_KEY], phi_before)
     assert torch.equal(model.head.bias.detach(), phi_before)
+
+
+def test_counters_and_sync_count_per_tensor_across_plan_rebuilds() -> None:
+    # Tensors that step on different steps (one has no gradient every third step) leave the group's
+    # fast path; a state_dict round trip and a new param group rebuild the cached plan mid-cycle.
+    # Counters and sync_count are checked against a plain per-tensor count kept here.
+    gen = torch.Generator().manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3, generator=gen)), nn.Parameter(torch.randn(4, generator=gen))
+    c = nn.Parameter(torch.randn(2, generator=gen))
+    k = 3
+    opt = Lookahead(torch.optim.SGD([a, b], lr=0.1), k=k)
+    counts: dict[nn.Parameter, int] = {a: 0, b: 0}
+    syncs: dict[nn.Parameter, int] = {a: 0, b: 0}
+    for step in range(1, 19):
+        if step == 7:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if step == 11:
+            opt.add_param_group({"params": [c]})
+            counts[c] = syncs[c] = 0
+        for p in counts:
+            p.grad = None if (p is b and step % 3 == 0) else torch.randn(p.shape, generator=gen)
+        opt.step()
+        for p in counts:
+            if p.grad is None:
+                continue
+            counts[p] += 1
+            if counts[p] == k:
+                counts[p] = 0
+                syncs[p] += 1
+        for p in counts:
+            assert opt.state[p][COUNT_KEY] == counts[p], (step, p.shape)
+        assert opt.sync_count == max(syncs.values()), step
+    assert syncs[a] == 6 and 0 < syncs[b] < syncs[a] and syncs[c] == 2  # the test really mixed the paths

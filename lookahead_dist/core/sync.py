@@ -9,7 +9,8 @@ they outgrow the cache. So, on CPU:
   into φ while the block is in cache, so memory is streamed once and the check reads cached data;
 * tiny tensors (below :data:`TINY` elements: biases, norms) get their φ as views of one flat buffer
   (:func:`make_slow`); a run of them is gathered into a scratch buffer (one ``torch.cat``), checked and
-  lerped as one flat tensor and scattered back: two per-tensor operations, not three;
+  lerped as one flat tensor and scattered back: two per-tensor operations, not three (the scratch
+  buffer is shared by the runs of one plan and holds at most ``BATCH + SMALL`` elements, 1.1 MiB of fp32);
 * the others (and tiny ones whose φ are separate tensors, e.g. loaded from a checkpoint written
   elsewhere) are processed in batches of up to :data:`BATCH` elements with the multi-tensor
   (``_foreach``) kernels, so that the copy reads what the lerp just wrote from cache; the check is one
