@@ -26,7 +26,7 @@ next time, so the sweep can run in pieces; ``--only`` picks a subset. Runs are s
 already covers every learning rate.
 
     nice -n 10 .venv/bin/python benchmarks/bench_paper.py                 # LM sweep (~25 min CPU), resumable
-    nice -n 19 .venv/bin/python benchmarks/bench_paper.py --task nmt      # NMT sweep (~45-50 min CPU), resumable
+    nice -n 19 .venv/bin/python benchmarks/bench_paper.py --task nmt      # NMT sweep (~41 min CPU), resumable
     .venv/bin/python benchmarks/bench_paper.py --report                   # no training: tables, plots, RESULTS.md
     .venv/bin/python benchmarks/bench_paper.py --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
     .venv/bin/python benchmarks/bench_paper.py --task nmt --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
