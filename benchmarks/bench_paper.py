@@ -481,136 +481,42 @@ def _pyplot() -> Any:
     return plt
 
 
-def plots(groups: dict) -> list[str]:
+def _lr_panel(ax: Any, groups: dict, family: str, spec: dict[str, Any], key: str, ylabel: str, log_y: bool) -> None:
+    """Final ``key`` against the learning rate, inner vs Lookahead k=5 α=0.5, mean ± std over seeds."""
     import matplotlib.ticker
 
+    for variant, label, color in (("inner", family, "C0"), ("la k5 a0.5", f"Lookahead({family})", "C1")):
+        xs, ys, sds = [], [], []
+        for lr in spec["lrs"]:
+            vals = [r[key] for r in groups.get((family, lr, variant), []) if math.isfinite(r[key])]
+            if vals:
+                xs.append(lr)
+                ys.append(statistics.fmean(vals))
+                sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, color=color, label=label)
+    ax.set(xscale="log", ylabel=f"{ylabel} (φ for Lookahead)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xticks(list(spec["lrs"]), [f"{lr:g}" for lr in spec["lrs"]])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    gone = [
+        f"{lr:g}"
+        for lr in spec["lrs"]
+        if all(not math.isfinite(r[key]) for v in SWEPT for r in groups.get((family, lr, v), [{key: 0}]))
+    ]
+    if gone:
+        ax.text(0.02, 0.02, "diverged (both): lr " + ", ".join(gone), transform=ax.transAxes, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _curves_figure(
+    groups: dict, families: dict[str, dict[str, Any]], path: Path, title: str, ylabel: str, log_y: bool, lr_name: str
+) -> None:
+    """Validation curves per (family, lr): mean over seeds, band = min..max; 'diverged' where all runs did."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (family, spec) in zip(axes, FAMILIES.items()):
-        for variant, label, color in (("inner", family, "C0"), ("la k5 a0.5", f"Lookahead({family})", "C1")):
-            xs, ys, lo, hi = [], [], [], []
-            for lr in spec["lrs"]:
-                vals = [
-                    r["final"] for r in groups.get((family, lr, variant), []) if math.isfinite(r["final"])
-                ]
-                if vals:
-                    xs.append(lr)
-                    ys.append(statistics.fmean(vals))
-                    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                    lo.append(ys[-1] - sd)
-                    hi.append(ys[-1] + sd)
-            if xs:
-                ax.errorbar(xs, ys, yerr=[[y - v for y, v in zip(ys, lo)], [v - y for y, v in zip(ys, hi)]],
-                            marker="o", capsize=3, color=color, label=label)  # fmt: skip
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="inner learning rate",
-            ylabel="final val perplexity (φ for Lookahead)",
-        )
-        ax.set_xticks(list(spec["lrs"]), [f"{lr:g}" for lr in spec["lrs"]])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        gone = [
-            f"{lr:g}"
-            for lr in spec["lrs"]
-            if all(
-                not math.isfinite(r["final"])
-                for v in SWEPT
-                for r in groups.get((family, lr, v), [{"final": 0}])
-            )
-        ]
-        if gone:
-            ax.text(0.02, 0.02, "diverged (both): lr " + ", ".join(gone), transform=ax.transAxes, fontsize=8)
-        ax.set_title(f"{family}: mean ± std over seeds", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=9)
-    fig.suptitle("LM example (1x64 GPT-2, WikiText-2): robustness to the learning rate", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_lr.png", dpi=110)
-    plt.close(fig)
-
     fig, axes = plt.subplots(2, 5, figsize=(17, 6.5), sharex=True)
-    for row, (family, spec) in zip(axes, FAMILIES.items()):
-        for ax, lr in zip(row, spec["lrs"]):
-            for variant, color in (("inner", "C0"), ("la k5 a0.5", "C1")):
-                rs = [r for r in groups.get((family, lr, variant), []) if r["curve"][-1][1] != DIVERGED]
-                if not rs:
-                    if groups.get((family, lr, variant)):
-                        y = 0.55 if variant == "inner" else 0.45
-                        ax.text(0.5, y, f"{'inner' if variant == 'inner' else 'Lookahead'}: diverged",
-                                transform=ax.transAxes, ha="center", color=color)  # fmt: skip
-                    continue
-                length = min(len(r["curve"]) for r in rs)
-                steps = [r["curve"][i][0] for i in range(length) for r in rs[:1]]
-                mat = [[r["curve"][i][1] for r in rs] for i in range(length)]
-                mean = [statistics.fmean(v) for v in mat]
-                lo, hi = [min(v) for v in mat], [max(v) for v in mat]
-                ax.plot(steps, mean, color=color, label="inner" if variant == "inner" else "Lookahead")
-                ax.fill_between(steps, lo, hi, color=color, alpha=0.25)
-            ax.set_yscale("log")
-            ax.set_title(f"{family} lr={lr:g}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-        row[0].set_ylabel("val perplexity")
-        row[0].legend(fontsize=8)
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    fig.suptitle("Learning curves: mean over seeds, band = min..max", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_curves.png", dpi=100)
-    plt.close(fig)
-    return ["bench_paper_lr.png", "bench_paper_curves.png"]
-
-
-def nmt_plots(groups: dict) -> list[str]:
-    """BLEU and validation NLL against the peak lr (top / bottom row), and validation-NLL learning curves."""
-    import matplotlib.ticker
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col")
-    for col, (family, spec) in enumerate(NMT_FAMILIES.items()):
-        for row, (key, ylabel) in enumerate((("final", "final val BLEU"), ("final_nll", "final val NLL"))):
-            ax = axes[row][col]
-            for variant, label, color in (
-                ("inner", family, "C0"),
-                ("la k5 a0.5", f"Lookahead({family})", "C1"),
-            ):
-                xs, ys, sds = [], [], []
-                for lr in spec["lrs"]:
-                    vals = [r[key] for r in groups.get((family, lr, variant), []) if math.isfinite(r[key])]
-                    if vals:
-                        xs.append(lr)
-                        ys.append(statistics.fmean(vals))
-                        sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-                if xs:
-                    ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=3, color=color, label=label)
-            ax.set(xscale="log", ylabel=f"{ylabel} (φ for Lookahead)")
-            ax.set_xticks(list(spec["lrs"]), [f"{lr:g}" for lr in spec["lrs"]])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            gone = [
-                f"{lr:g}"
-                for lr in spec["lrs"]
-                if all(
-                    not math.isfinite(r[key]) for v in SWEPT for r in groups.get((family, lr, v), [{key: 0}])
-                )
-            ]
-            if gone:
-                ax.text(
-                    0.02, 0.9, "diverged (both): lr " + ", ".join(gone), transform=ax.transAxes, fontsize=8
-                )
-            ax.grid(True, which="both", alpha=0.3)
-            if row == 0:
-                ax.set_title(f"{family}: mean ± std over seeds", fontsize=10)
-                ax.legend(fontsize=9)
-            else:
-                ax.set_xlabel("peak learning rate (inverse-sqrt schedule)")
-    model = f"{NMT_MODEL['layers']}+{NMT_MODEL['layers']} x {NMT_MODEL['d_model']} Marian"
-    fig.suptitle(f"NMT example ({model}, Tatoeba de→en): robustness to the learning rate", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_nmt_lr.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, 5, figsize=(17, 6.5), sharex=True)
-    for row, (family, spec) in zip(axes, NMT_FAMILIES.items()):
+    for row, (family, spec) in zip(axes, families.items()):
         for ax, lr in zip(row, spec["lrs"]):
             for variant, color in (("inner", "C0"), ("la k5 a0.5", "C1")):
                 rs = [r for r in groups.get((family, lr, variant), []) if r["curve"][-1][1] != DIVERGED]
@@ -627,16 +533,58 @@ def nmt_plots(groups: dict) -> list[str]:
                 lo, hi = [min(v) for v in mat], [max(v) for v in mat]
                 ax.plot(steps, mean, color=color, label="inner" if variant == "inner" else "Lookahead")
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.25)
-            ax.set_title(f"{family} peak lr={lr:g}", fontsize=9)
+            if log_y:
+                ax.set_yscale("log")
+            ax.set_title(f"{family} {lr_name}={lr:g}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-        row[0].set_ylabel("val NLL (teacher-forced)")
+        row[0].set_ylabel(ylabel)
         row[0].legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    fig.suptitle("NMT learning curves: validation NLL, mean over seeds, band = min..max", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_nmt_curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plots(groups: dict) -> list[str]:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (family, spec) in zip(axes, FAMILIES.items()):
+        _lr_panel(ax, groups, family, spec, "final", "final val perplexity", log_y=True)
+        ax.set_xlabel("inner learning rate")
+        ax.set_title(f"{family}: mean ± std over seeds", fontsize=10)
+        ax.legend(fontsize=9)
+    fig.suptitle("LM example (1x64 GPT-2, WikiText-2): robustness to the learning rate", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(HERE / "bench_paper_lr.png", dpi=110)
+    plt.close(fig)
+    _curves_figure(groups, FAMILIES, HERE / "bench_paper_curves.png",
+                   "Learning curves: mean over seeds, band = min..max", "val perplexity", True, "lr")  # fmt: skip
+    return ["bench_paper_lr.png", "bench_paper_curves.png"]
+
+
+def nmt_plots(groups: dict) -> list[str]:
+    """BLEU and validation NLL against the peak lr (top / bottom row), and validation-NLL learning curves."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col")
+    for col, (family, spec) in enumerate(NMT_FAMILIES.items()):
+        for row, (key, ylabel) in enumerate((("final", "final val BLEU"), ("final_nll", "final val NLL"))):
+            ax = axes[row][col]
+            _lr_panel(ax, groups, family, spec, key, ylabel, log_y=False)
+            if row == 0:
+                ax.set_title(f"{family}: mean ± std over seeds", fontsize=10)
+                ax.legend(fontsize=9)
+            else:
+                ax.set_xlabel("peak learning rate (inverse-sqrt schedule)")
+    model = f"{NMT_MODEL['layers']}+{NMT_MODEL['layers']} x {NMT_MODEL['d_model']} Marian"
+    fig.suptitle(f"NMT example ({model}, Tatoeba de→en): robustness to the learning rate", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(HERE / "bench_paper_nmt_lr.png", dpi=110)
+    plt.close(fig)
+    _curves_figure(groups, NMT_FAMILIES, HERE / "bench_paper_nmt_curves.png",
+                   "NMT learning curves: validation NLL, mean over seeds, band = min..max",
+                   "val NLL (teacher-forced)", False, "peak lr")  # fmt: skip
     return ["bench_paper_nmt_lr.png", "bench_paper_nmt_curves.png"]
 
 
