@@ -41,6 +41,7 @@ readings (the text after ``<!-- reading -->`` and after ``<!-- reading nmt -->``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -158,6 +159,23 @@ def make_optimizer(
     return inner if spec is None else Lookahead(inner, **spec)
 
 
+def train_step(opt: torch.optim.Optimizer, loss: torch.Tensor, step: int, losses: list, alphas: list) -> bool:
+    """Backward and one optimizer step; records the loss and the α applied at a sync. False once diverged."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = float(loss)
+    losses.append(value)
+    if isinstance(opt, Lookahead) and opt.last_alpha and step % opt.k == 0:
+        alphas.append(opt.last_alpha[0])
+    return math.isfinite(value) and value <= 20
+
+
+def kept_weights(opt: torch.optim.Optimizer) -> Any:
+    """The weights one would keep in the parameters for the body: φ for Lookahead, else as they are."""
+    return opt.use_slow_weights() if isinstance(opt, Lookahead) else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: torch.Tensor, batch: int) -> float:
     model.eval()
@@ -190,22 +208,11 @@ def train(family: str, lr: float, variant: str, seed: int, steps: int, val_every
             perm, cursor = torch.randperm(len(train_ids), generator=order), 0
         ids = train_ids[perm[cursor : cursor + batch]]
         cursor += batch
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss)
-        losses.append(value)
-        if isinstance(opt, Lookahead) and opt.last_alpha and step % opt.k == 0:
-            alphas.append(opt.last_alpha[0])
-        if not math.isfinite(value) or value > 20:
+        if not train_step(opt, model(input_ids=ids, labels=ids).loss, step, losses, alphas):
             curve.append((step, DIVERGED))
             break
         if step % val_every == 0 or step == steps:
-            if isinstance(opt, Lookahead):
-                with opt.use_slow_weights():
-                    curve.append((step, evaluate(model, val_ids, batch)))
-            else:
+            with kept_weights(opt):
                 curve.append((step, evaluate(model, val_ids, batch)))
     return {
         "family": family,
@@ -296,23 +303,13 @@ def train_nmt(
         for group in opt.param_groups:
             group["lr"] = lr * factor
         loss = module._loss(module._logits(batch), batch["labels"], NMT_MODEL["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss)
-        losses.append(value)
-        if isinstance(opt, Lookahead) and opt.last_alpha and step % opt.k == 0:
-            alphas.append(opt.last_alpha[0])
-        if not math.isfinite(value) or value > 20:
+        if not train_step(opt, loss, step, losses, alphas):
             curve.append((step, DIVERGED))
             bleu_curve.append((step, DIVERGED))
             break
         with_bleu = step == steps or (bleu_every > 0 and step % bleu_every == 0)
         if step % val_every == 0 or with_bleu:
-            if isinstance(opt, Lookahead):
-                with opt.use_slow_weights():
-                    nll, bleu = evaluate_nmt(module, data, with_bleu)
-            else:
+            with kept_weights(opt):
                 nll, bleu = evaluate_nmt(module, data, with_bleu)
             curve.append((step, nll))
             if bleu is not None:
