@@ -181,7 +181,7 @@ class _FlatRun:
     θ is gathered into a scratch buffer (one ``torch.cat`` for 1-D tensors, else one multi-tensor copy),
     checked and lerped flat, and φ scattered back into θ (one multi-tensor copy): two per-tensor
     operations per run instead of a check, a lerp and a copy per tensor. The scratch is shared by the
-    runs of one :class:`SyncPlan` (at most about :data:`BATCH` elements).
+    runs of one :class:`SyncPlan` (at most ``BATCH + SMALL`` elements).
     """
 
     __slots__ = ("catable", "fast", "idx", "scratch", "scratch_views", "slow", "slow_flat")
