@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lookahead_dist._versions import check_versions
+from lookahead_dist.core.collectives import all_reduce_sum_
 from lookahead_dist.core.keys import CONFIG_KEY, DEFAULT_PULLBACK_KEYS, EVAL_WEIGHTS
 from lookahead_dist.core.optim import Lookahead
 from lookahead_dist.core.settings import LookaheadSettings
@@ -380,12 +381,11 @@ class LookaheadCallback(Callback):
                 # DDP replicas hold the same θ and φ: the local sum is already the total.
                 out[i] = math.sqrt(float(wrapper.fast_slow_distance_sq()))
                 continue
-            partial = wrapper.fast_slow_distance_sq()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                if torch.distributed.get_backend() != "gloo":  # NCCL reduces device tensors only
-                    partial = partial.to(self._engine.device)
-                torch.distributed.all_reduce(partial)
-            out[i] = math.sqrt(max(float(partial.cpu()), 0.0))
+            from lookahead_dist.deepspeed.holders import data_parallel_group
+
+            # ZeRO shards over the data-parallel group, which is not the world under model parallelism.
+            partial = all_reduce_sum_(wrapper.fast_slow_distance_sq(), data_parallel_group(self._engine))
+            out[i] = math.sqrt(max(float(partial), 0.0))
         return out
 
     # ------------------------------------------------------------------ checkpoint (rank-independent state)

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from .._versions import check_versions
-from ..core.keys import CONFIG_KEY
+from ..core.collectives import sum_over
+from ..core.keys import CONFIG_KEY, GROUP_ALPHA
 from ..core.optim import Lookahead
 from ..core.settings import AlphaSpec, LookaheadConfigError, LookaheadSettings
 from .checkpoint import (
@@ -59,7 +60,7 @@ from .checkpoint import (
 from .config import parse_lookahead_config, settings_from_section, split_config
 from .holders import (
     UnsupportedDeepSpeedModeError,
-    dp_all_reduce,
+    data_parallel_group,
     find_lookahead,
     holder_for,
     refuse_unsupported,
@@ -173,8 +174,13 @@ def install(
         )
     refuse_unsupported(engine)
     holder = holder_for(engine)
-    if settings.alpha == "adaptive":
-        holder.check_adaptive()
+    adaptive_groups = [
+        index
+        for index, group in enumerate(holder.inner.param_groups)
+        if group.get(GROUP_ALPHA, settings.alpha) == "adaptive"
+    ]
+    if adaptive_groups:
+        holder.check_adaptive(adaptive_groups)
     holder.prepare()
     if settings.outer.scope == "nodes":
         from .outer import OuterLookahead, check_engine, per_node_checkpoints
@@ -187,7 +193,7 @@ def install(
         lookahead = Lookahead(
             holder.inner,
             settings=settings,
-            reduce_fn=dp_all_reduce(engine) if holder.sharded else None,
+            reduce_fn=sum_over(data_parallel_group(engine)) if holder.sharded else None,
             allow_empty=holder.fills_groups_while_stepping,
         )
     holder.inner = lookahead

@@ -10,7 +10,7 @@ in :mod:`lookahead_dist.deepspeed.checkpoint`, so a DeepSpeed upgrade is a revie
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -54,8 +54,8 @@ class Holder:
         # The LR scheduler keeps the old object: same param_groups dicts, so it keeps working.
         self.engine.optimizer = optimizer
 
-    def check_adaptive(self) -> None:
-        """Refuse configurations in which one α per param group cannot be formed."""
+    def check_adaptive(self, adaptive_groups: list[int]) -> None:
+        """Refuse configurations in which one α per param group cannot be formed for these groups."""
 
     def prepare(self) -> None:
         """Bring the holder's partitions into the state Lookahead assumes, before the first step."""
@@ -159,8 +159,8 @@ class Zero3Holder(_WrappingHolder):
     def fp32_partitions(self) -> list[Tensor]:
         return self.zero.fp32_partitioned_groups_flat
 
-    def check_adaptive(self) -> None:
-        check_zero3_sub_groups(self.zero)
+    def check_adaptive(self, adaptive_groups: list[int]) -> None:
+        check_zero3_sub_groups(self.zero, adaptive_groups)
 
     def prepare(self) -> None:
         # Each parameter's partition is padded to the same size on every rank, and DeepSpeed allocates the
@@ -286,8 +286,11 @@ def holder_for(engine: Any) -> Holder:
     return Holder(engine)
 
 
-def check_zero3_sub_groups(zero: Any, adaptive_groups: Any = None) -> None:
-    """Refuse ZeRO-3 sub-grouping that splits a param group using ``alpha="adaptive"``."""
+def check_zero3_sub_groups(zero: Any, adaptive_groups: Iterable[int] | None = None) -> None:
+    """Refuse ZeRO-3 sub-grouping that splits a param group using ``alpha="adaptive"``.
+
+    ``adaptive_groups``: the param-group indices whose α is adaptive (``None``: every group).
+    """
     # Several sub-groups of one param group each sync (and lerp) before the next one's sums exist,
     # so one α for the group cannot be formed.
     mapping = getattr(zero, "sub_group_to_group_id", None)
@@ -343,19 +346,6 @@ def refuse_unsupported(engine: Any) -> None:
         )
 
 
-def dp_all_reduce(engine: Any) -> Callable[[Tensor], None]:
-    """In-place SUM over the engine's data-parallel group (for alpha="adaptive" partial sums only)."""
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    group = engine.seq_data_parallel_group
-
-    def all_reduce_sum(t: Tensor) -> None:
-        if torch.distributed.get_backend(group) == "gloo":
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-            return
-        buf = t.to(get_accelerator().current_device_name())
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        t.copy_(buf)
-
-    return all_reduce_sum
+def data_parallel_group(engine: Any) -> Any:
+    """The process group ZeRO partitions over (data x sequence parallel): where shard sums are reduced."""
+    return engine.seq_data_parallel_group

@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.optim import Lookahead, ReduceFn
+from ..core.collectives import all_reduce_sum_, sum_over
+from ..core.optim import Lookahead
 from ..core.settings import LookaheadSettings
 from ..core.sync import local
 
-__all__ = ["fast_slow_distance", "is_dtensor", "local_tensor", "shard_reduce_fn", "wrap"]
+__all__ = ["fast_slow_distance", "is_dtensor", "local_tensor", "wrap"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -52,28 +53,6 @@ def is_dtensor(t: Any) -> bool:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (a view, no communication); any other tensor as it is."""
     return local(t)
-
-
-def shard_reduce_fn(group: Any = None) -> ReduceFn:
-    """A ``reduce_fn`` for :class:`~lookahead_dist.Lookahead`: sums a small CPU tensor over ``group`` in place.
-
-    Outside an initialised process group it does nothing (one process holds every shard). NCCL reduces
-    device tensors only, so there the tensor travels through the current CUDA device.
-    """
-
-    def reduce(t: Tensor) -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-            return
-        if "nccl" in str(dist.get_backend(group)) and t.device.type == "cpu":
-            moved = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(moved, group=group)
-            t.copy_(moved.cpu())
-        else:
-            dist.all_reduce(t, group=group)
-
-    return reduce
 
 
 def wrap(
@@ -93,7 +72,7 @@ def wrap(
         group: the process group the parameters are sharded over (default: the world).
     """
     _check_sharded(optimizer)
-    return Lookahead(optimizer, settings=settings, reduce_fn=shard_reduce_fn(group), **keywords)
+    return Lookahead(optimizer, settings=settings, reduce_fn=sum_over(group), **keywords)
 
 
 def _check_sharded(optimizer: torch.optim.Optimizer) -> None:
@@ -111,5 +90,5 @@ def _check_sharded(optimizer: torch.optim.Optimizer) -> None:
 def fast_slow_distance(optimizer: Lookahead, group: Any = None) -> float:
     """‖θ − φ‖ over the whole model: this rank's shard sum, reduced once (one scalar all_reduce)."""
     partial = optimizer.fast_slow_distance_sq()
-    shard_reduce_fn(group)(partial)
+    all_reduce_sum_(partial, group)
     return math.sqrt(max(float(partial), 0.0))
