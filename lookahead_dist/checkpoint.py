@@ -7,7 +7,7 @@
 
 This front knows no engine: each subcommand calls the adapter that reads that kind of checkpoint, imported
 only when used. DeepSpeed folders: :mod:`lookahead_dist.deepspeed.checkpoint` (completeness checks,
-universal checkpoints, consolidated slow weights; its names are re-exported here, where they always were).
+universal checkpoints, consolidated slow weights; import those functions from there).
 Lightning ``.ckpt`` files: :mod:`lookahead_dist.lightning.checkpoint`. torch.distributed.checkpoint
 folders (FSDP2, Lightning's ModelParallelStrategy / FSDPStrategy sharded checkpoints):
 :mod:`lookahead_dist.fsdp.checkpoint`.
@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .deepspeed import checkpoint as _deepspeed
-from .deepspeed.checkpoint import *  # the DeepSpeed tools' public names, at their old home
-from .deepspeed.checkpoint import __all__ as _deepspeed_names
 
-__all__ = [*_deepspeed_names, "main"]  # noqa: PLE0604 - strings, spread from the adapter's own list
+__all__ = ["main"]
 
 _PROG = "python -m lookahead_dist.checkpoint"
 

@@ -1,7 +1,7 @@
 """Lookahead's slow weights through DeepSpeed universal checkpoints and consolidation.
 
 One 2-process run (ZeRO-1, ZeRO-2 with pullback, ZeRO-3 with pullback and sub-groups) saves mid-cycle and
-converts with ``lookahead_dist.checkpoint.to_universal``; 1- and 4-process runs resume from the universal
+converts with ``lookahead_dist.deepspeed.checkpoint.to_universal``; 1- and 4-process runs resume from the universal
 checkpoint. Every weight is compared with ``tests/reference.py`` (single process, same global batches)
 inside the launched script; the results come back as JSON. See tests/dist/ckpt_universal.py.
 """
@@ -109,7 +109,8 @@ def test_cli_slow_weights_load_into_plain_module(runs: dict, tmp_path: Path) -> 
 
 @pytest.mark.dist
 def test_cli_to_universal(runs: dict, tmp_path: Path) -> None:
-    from lookahead_dist.checkpoint import UNIVERSAL_META_FILE, main
+    from lookahead_dist.checkpoint import main
+    from lookahead_dist.deepspeed.checkpoint import UNIVERSAL_META_FILE
 
     out = tmp_path / "uni"
     assert (
@@ -138,7 +139,7 @@ def _edit_rank_file(tag_dir: Path, rank: int, edit) -> None:  # type: ignore[no-
 
 @pytest.mark.dist
 def test_disagreeing_cycle_counters_are_refused(runs: dict, tmp_path: Path) -> None:
-    from lookahead_dist.checkpoint import consolidated_slow_state_dict, to_universal
+    from lookahead_dist.deepspeed.checkpoint import consolidated_slow_state_dict, to_universal
 
     tag_dir = _copy_tag(runs, "z1", tmp_path)
     _edit_rank_file(tag_dir, 1, lambda st: st.__setitem__("lookahead_count", 2))
@@ -151,7 +152,7 @@ def test_disagreeing_cycle_counters_are_refused(runs: dict, tmp_path: Path) -> N
 
 @pytest.mark.dist
 def test_checkpoint_without_slow_weights_is_refused(runs: dict, tmp_path: Path) -> None:
-    from lookahead_dist.checkpoint import consolidated_slow_state_dict
+    from lookahead_dist.deepspeed.checkpoint import consolidated_slow_state_dict
 
     tag_dir = _copy_tag(runs, "z1", tmp_path)
     for rank in (0, 1):
@@ -162,7 +163,7 @@ def test_checkpoint_without_slow_weights_is_refused(runs: dict, tmp_path: Path) 
 
 @pytest.mark.dist
 def test_plain_ds_to_universal_output_is_refused_at_restore(runs: dict, tmp_path: Path) -> None:
-    from lookahead_dist.checkpoint import UNIVERSAL_META_FILE, restore_after_universal_load
+    from lookahead_dist.deepspeed.checkpoint import UNIVERSAL_META_FILE, restore_after_universal_load
 
     folder = tmp_path / "plain_universal"
     shutil.copytree(runs["workdir"] / "z1" / f"{SAVE_TAG}_universal", folder)
@@ -172,7 +173,7 @@ def test_plain_ds_to_universal_output_is_refused_at_restore(runs: dict, tmp_path
 
 
 def test_missing_checkpoint_folder_names_the_fix(tmp_path: Path) -> None:
-    from lookahead_dist.checkpoint import consolidated_slow_state_dict, to_universal
+    from lookahead_dist.deepspeed.checkpoint import consolidated_slow_state_dict, to_universal
 
     with pytest.raises(FileNotFoundError, match="no \\*_optim_states.pt files and no 'latest'"):
         consolidated_slow_state_dict(tmp_path)

@@ -319,21 +319,46 @@ def test_dcp_state_dict_calls_are_noops() -> None:
 
 
 def test_state_probe_detection() -> None:
-    # A genuine first step with lr 0 on zero gradients looks like torch's checkpoint probe from inside
-    # the optimizer; only torch's probe (called from its state initialisation) does not count.
-    model = make_model()
-    opt = Lookahead(INNERS["sgd"](model.parameters()), k=2)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.param_groups[0]["lr"] = 0.0
-    assert not opt._is_state_probe()  # called directly, not from torch's _init_optim_state
+    # The state initialisation (a load template's synthetic step) is recognised by what it is: no state
+    # yet, every lr 0, every trainable parameter holding an all-zero gradient. It creates the keys
+    # (φ = θ, count 0) and does not count; anything else is a real step and counts.
+    def fresh(lr: float = 0.0, grads: Callable[[torch.Tensor], torch.Tensor | None] = torch.zeros_like):
+        model = make_model()
+        opt = Lookahead(INNERS["sgd"](model.parameters()), k=2)
+        for p in model.parameters():
+            p.grad = grads(p)
+        opt.param_groups[0]["lr"] = lr
+        return model, opt
+
+    model, opt = fresh()
     opt.step()
-    assert opt.state[model.body.weight][COUNT_KEY] == 1  # a real step: it counts
+    w = model.body.weight
+    assert opt.state[w][COUNT_KEY] == 0 and torch.equal(opt.state[w][SLOW_KEY], w) and opt.sync_count == 0
+    opt.step()  # the same step again: the state exists now, so it is a real step
+    assert opt.state[w][COUNT_KEY] == 1
+    one_nonzero = [False]
+
+    def all_but_one_zero(p: torch.Tensor) -> torch.Tensor:
+        g = torch.zeros_like(p)
+        if not one_nonzero[0]:
+            g.view(-1)[0] = 1e-30
+            one_nonzero[0] = True
+        return g
+
+    for lr, grads in [(0.1, torch.zeros_like), (0.0, torch.ones_like), (0.0, all_but_one_zero)]:
+        model, opt = fresh(lr, grads)
+        opt.step()
+        assert opt.state[model.body.weight][COUNT_KEY] == 1, (lr, grads)
+    model, opt = fresh()
+    model.body.bias.grad = None  # one trainable parameter without a gradient
+    opt.step()
+    assert opt.tracked_params() and all(opt.state[p][COUNT_KEY] == 1 for p in opt.tracked_params())
+    # torch.distributed.checkpoint's template step on a fresh optimizer is one of them.
     fresh_model = make_model()
-    fresh = Lookahead(INNERS["sgd"](fresh_model.parameters()), k=2)
-    get_optimizer_state_dict(fresh_model, fresh)  # the probe: creates the keys, does not count
-    assert fresh.param_groups[0]["lr"] == 0.1
-    assert all(fresh.state[p][COUNT_KEY] == 0 for p in fresh.tracked_params()) and fresh.tracked_params()
+    fresh_opt = Lookahead(INNERS["sgd"](fresh_model.parameters()), k=2)
+    get_optimizer_state_dict(fresh_model, fresh_opt)
+    assert fresh_opt.param_groups[0]["lr"] == 0.1
+    assert all(fresh_opt.state[p][COUNT_KEY] == 0 for p in fresh_opt.tracked_params()) and fresh_opt.tracked_params()
 
 
 # ---------------------------------------------------------------------------------- step protocol

@@ -66,4 +66,4 @@ def test_core_imports_without_deepspeed_or_lightning() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "Lookahead"
-    assert importlib.import_module("lookahead_dist.optim").__name__ == "lookahead_dist.optim"
+    assert importlib.import_module("lookahead_dist.core.optim").__name__ == "lookahead_dist.core.optim"

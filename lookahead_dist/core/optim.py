@@ -16,7 +16,8 @@ When the keys exist. φ and the counter are inserted right after the inner step 
 tensor's inner state (φ = θ before that step), so whenever a tensor has inner state it has Lookahead
 state too. That includes the synthetic step torch.distributed.checkpoint runs on an optimizer with no
 state (lr 0, zero gradients) to build its load template: the keys appear there (φ = θ, count 0) and a
-resume into a fresh optimizer restores them; that step itself never counts.
+resume into a fresh optimizer restores them; that step itself never counts. It is recognised by what it
+is (see ``Lookahead._is_state_probe``), not by who calls.
 
 What counts. A tensor's counter advances only in a step in which it has a gradient (``p.grad`` is not
 None): a step where nothing has a gradient (a skipped Lightning ``training_step``, a closure that
@@ -46,7 +47,6 @@ and decides for it alone (under DDP the replicas are identical, so they decide a
 from __future__ import annotations
 
 import operator
-import sys
 import warnings
 import weakref
 from collections import OrderedDict, defaultdict, deque
@@ -114,25 +114,6 @@ def _claim(optimizer: Optimizer, wrapper: Any) -> None:
             f"opt.settings.replace(...)`), or build a new inner optimizer."
         )
     _OWNERS[optimizer] = weakref.ref(wrapper)
-
-
-def _called_from_state_init() -> bool:
-    """Whether this step() is torch's synthetic optimizer-state initialisation.
-
-    torch.distributed.checkpoint (and FSDP1's optimizer state dicts) create the state of an optimizer
-    that has none by one step with lr 0 on zero gradients, in a function named ``_init_optim_state``.
-    From inside the optimizer that step looks exactly like a genuine first step with lr 0 on zero
-    gradients, which must count; only the caller tells them apart.
-    """
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name == "_init_optim_state" and "distributed" in code.co_filename:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
 
 
 class Lookahead(Optimizer):
@@ -473,21 +454,25 @@ class Lookahead(Optimizer):
         return out  # type: ignore[return-value]
 
     def _is_state_probe(self) -> bool:
-        """Whether the coming inner step is torch's synthetic state initialisation (it never counts).
+        """Whether the coming inner step is a state initialisation: it creates the state, it never counts.
 
-        Only an optimizer without any state entry, with every lr at 0 and every parameter holding a
-        gradient, called from torch's ``_init_optim_state``: a genuine step with lr 0 on zero gradients
-        looks the same from here and counts (after a ``"reset"`` sync the entries are empty but present:
-        a real step then).
+        torch.distributed.checkpoint builds the state of an optimizer that has none (its load template)
+        by one step on a fresh zero gradient for every trainable parameter with every lr set to 0. That
+        is what is recognised here: no state entry at all, every lr 0, and every trainable parameter
+        holding a gradient that is all zeros. Such a step moves no weight; a genuine first step that
+        looks exactly like it (lr 0 everywhere *and* every gradient exactly zero) is taken for one too
+        and does not advance the cycle. After a ``"reset"`` sync the entries are empty but present: a
+        real step then. The zero test reads the gradients only in that rare case (empty state, lr 0).
         """
         if self.optimizer.state:
             return False
         lrs = [g["lr"] for g in self.param_groups if "lr" in g]
         if not lrs or any(float(lr) != 0.0 for lr in lrs):
             return False
-        if any(p.grad is None for g in self.param_groups for p in g["params"] if p.requires_grad):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not grads or any(grad is None for grad in grads):
             return False
-        return _called_from_state_init()
+        return not any(bool(local(grad).any()) for grad in grads)  # type: ignore[arg-type]
 
     def _check_pullback_keys(self) -> None:
         """Refuse ``pullback_keys`` that do not name momentum-like tensors of this optimizer's state.
@@ -687,9 +672,6 @@ class Lookahead(Optimizer):
         for gi, indices in synced.items():
             most = max(most, plan.record(gi, indices))
         self.sync_count = most
-
-    def _count_sync(self) -> None:
-        """No-op, kept for subclasses' ``_sync``: ``sync_count`` is kept per tensor by ``step()``."""
 
     def _pull_back_buffers(self, fast: list[Tensor], alpha: float) -> None:
         state = self.optimizer.state

@@ -301,7 +301,6 @@ class OuterLookahead(Lookahead):
                 st = state[p]
                 self._spare[p] = st[SLOW_KEY]
                 st.clear()
-        self._count_sync()
 
     def _check_finite(self, fast: list[Tensor], means: list[Tensor]) -> list[int] | None:
         """Indices of tensors whose mean delta is finite (the same verdict on every node), or None if all."""

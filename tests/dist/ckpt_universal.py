@@ -2,7 +2,7 @@
 root: ``torchrun --nproc_per_node N -m tests.dist.ckpt_universal --phase save|resume --workdir DIR --out FILE``.
 
 ``--phase save`` (2 ranks): train SAVE_AT steps per case, save a regular checkpoint, then rank 0 converts it
-with ``lookahead_dist.checkpoint.to_universal`` and consolidates φ (ours) and θ (DeepSpeed's zero_to_fp32).
+with ``lookahead_dist.deepspeed.checkpoint.to_universal`` and consolidates φ (ours) and θ (DeepSpeed's zero_to_fp32).
 ``--phase resume`` (any world size): load the universal checkpoint, train to TOTAL steps on the same global
 batches, save, and consolidate φ and θ again.
 Every number is compared with tests/reference.py's ReferenceLookahead run in this process on the full
@@ -121,7 +121,7 @@ def max_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> flo
 def consolidated(tag_dir: Path) -> tuple[dict, dict]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lookahead_dist.checkpoint import consolidated_slow_state_dict
+    from lookahead_dist.deepspeed.checkpoint import consolidated_slow_state_dict
 
     fast = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     slow = consolidated_slow_state_dict(tag_dir.parent, tag=tag_dir.name)
@@ -132,7 +132,7 @@ def run_case(name: str, case: dict, phase: str, workdir: Path, rank: int, world:
     import deepspeed
     import deepspeed.comm as dist
 
-    from lookahead_dist.checkpoint import to_universal
+    from lookahead_dist.deepspeed.checkpoint import to_universal
     from lookahead_dist.deepspeed import install
 
     ref = reference(case["pullback"])
