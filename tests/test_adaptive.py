@@ -1,6 +1,6 @@
 """alpha="adaptive": the documented sign-test rule against an independent fp64 computation, its behaviour on
 the noisy quadratic model (never worse than the inner optimizer or α=0.5), and the paper's quadratic rule
-(``quadratic_alpha``, kept for comparison) against its closed form."""
+(``tests.paper_alpha.quadratic_alpha``, routed in for these tests) against its closed form."""
 
 from __future__ import annotations
 
@@ -14,21 +14,20 @@ import torch
 from lookahead_dist import Lookahead
 from lookahead_dist.core import adaptive
 from lookahead_dist.core.adaptive import (
-    CURVATURE_KEY,
     STAT_KEYS,
     AlphaStats,
     alpha_from_sums,
-    quadratic_alpha_from_sums,
 )
 from lookahead_dist.core.keys import SLOW_KEY
 from lookahead_dist.deepspeed.holders import check_zero3_sub_groups
+from tests.paper_alpha import CURVATURE_KEY, quadratic_alpha, quadratic_alpha_from_sums
 
 
 @pytest.fixture
 def paper_rule(monkeypatch):
     """Route alpha="adaptive" to the paper's rule (the core looks the function up at every sync)."""
     monkeypatch.setattr(
-        adaptive, "adaptive_alpha", lambda *a, k=None, **kw: adaptive.quadratic_alpha(*a, **kw)
+        adaptive, "adaptive_alpha", lambda *a, k=None, **kw: quadratic_alpha(*a, **kw)
     )
 
 

@@ -1,6 +1,6 @@
 """LookaheadCallback(alpha="adaptive") logs the α it applies, per group and per sync.
 
-The α here comes from the paper's quadratic rule (``lookahead_dist.core.adaptive.quadratic_alpha``, routed in by
+The α here comes from the paper's quadratic rule (``tests.paper_alpha.quadratic_alpha``, routed in by
 a fixture), which a replay can recompute from the optimizer state of the same step; the rule ``alpha="adaptive"``
 uses by default needs the previous cycles and is checked against its own reference in tests/test_adaptive.py.
 
@@ -37,8 +37,9 @@ warnings.filterwarnings("ignore", ".*does not have many workers.*")
 @pytest.fixture(autouse=True)
 def paper_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     from lookahead_dist.core import adaptive
+    from tests.paper_alpha import quadratic_alpha
 
-    monkeypatch.setattr(adaptive, "adaptive_alpha", lambda *a, k=None, **kw: adaptive.quadratic_alpha(*a, **kw))
+    monkeypatch.setattr(adaptive, "adaptive_alpha", lambda *a, k=None, **kw: quadratic_alpha(*a, **kw))
 
 
 K, STEPS, BATCH, FEATURES = 3, 12, 8, 4

@@ -990,12 +990,9 @@ def test_load_state_dict_invalidates_the_cached_plan() -> None:
     assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
 
 
-def test_flat_slow_weights_for_small_tensors_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The optional flat layout of φ for small CPU tensors (sync.FLAT_SMALL): same trajectory, and a
-    # non-finite tensor inside a flat run is still kept alone.
-    from lookahead_dist.core import sync
-
-    monkeypatch.setattr(sync, "FLAT_SMALL", True)
+def test_flat_slow_weights_for_small_tensors_match_reference() -> None:
+    # The flat layout of φ for tiny CPU tensors (sync.make_slow): same trajectory, and a non-finite
+    # tensor inside a flat run is still kept alone.
     k = 3
     model, ref_model = make_model(), make_model()
     opt = Lookahead(INNERS["adam"](model.parameters()), k=k)

@@ -35,7 +35,7 @@ Lookahead with any fixed α in (0, 1] gives ``E[hypergradient] ∝ −α σ² / 
 for SGD; the steady-state variance of φ is ``α σ² / (m (2 − α m))``, which grows with α, cf. the paper's
 Proposition 2): in the noise-dominated steady state a smaller α is always better, while far from the minimum,
 where the drift dominates, the sign is positive and α = 1 (the inner optimizer alone) is best. A gradient step on α with this signal is too noisy to
-settle (measured: on the NQM it hovers around α ≈ 0.6–0.8 and loses to fixed α = 0.5), so α is set by the
+settle (on the NQM it hovers well above the best fixed α and loses to it), so α is set by the
 significance of the sign instead, as written above; r and z are free of the scale of the loss and the weights
 and of the learning rate. Dividing by ``‖d_{t−1}‖²`` matters on a clean descent: there ``h`` shrinks
 geometrically from sync to sync, which a t-statistic of h itself would read as noise, while r stays steady.
@@ -46,14 +46,12 @@ Zhang et al. 2019 (arXiv 1907.08610, Section 3, Proposition 1) pick the minimise
 ``½ xᵀAx − bᵀx`` on the segment φ → θ_k, ``α* = 1 + gᵀd / dᵀAd`` after a Newton step from θ_k with the last
 minibatch gradient ``g`` and a diagonal empirical Fisher for A. Two things go wrong with noisy gradients:
 ``g`` is part of ``d`` (the last inner step was taken along it), so ``gᵀd`` carries ``+lr·‖noise‖²`` and α is
-pushed up to its upper bound; and the empirical Fisher has the units of g², not of a Hessian (on the NQM it is
-about ``A³``), so ``dᵀAd`` is off by orders of magnitude and any bias decides α. Measured with
-``benchmarks/bench_nqm.py`` (the NQM: diagonal curvature logspace(−2, 0), minimiser resampled every step,
-steady-state loss of φ, 3 seeds): the paper's rule gives α ≈ 1 with SGD (no better than SGD alone, 3× worse
-than α = 0.5) and α ≈ 0.8 with Adam (1.5–2× worse than α = 0.5); this rule matches α = 0.5 in the steady
-state (it sits at the lower bound there) and beats the inner optimizer alone at every learning rate. The
-paper's rule stays available as :func:`quadratic_alpha` (for comparison; it reads
-``state[p]["lookahead_curvature"]`` when a user stores a curvature estimate there).
+pushed up to its upper bound; and the empirical Fisher has the units of g², not of a Hessian (on the NQM it
+scales like ``A³``), so ``dᵀAd`` is off by orders of magnitude and any bias decides α. On the NQM the paper's
+rule ends no better than the inner optimizer alone with SGD and worse than α = 0.5 with Adam, while this rule
+matches α = 0.5 in the steady state (it sits at the lower bound there) and beats the inner optimizer alone
+at every learning rate: ``benchmarks/bench_nqm.py`` (which carries the paper's rule for the comparison),
+numbers in ``benchmarks/RESULTS.md``.
 
 State (checkpointed with the optimizer, per tensor)
 ---------------------------------------------------
@@ -90,22 +88,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .keys import CARRY_KEY, CURVATURE_KEY, GROUP_K, PREV_KEY, SLOW_KEY, STAT_KEYS, STEP_KEY
+from .keys import CARRY_KEY, GROUP_K, PREV_KEY, SLOW_KEY, STAT_KEYS, STEP_KEY
 from .settings import LookaheadSettings
 from .sync import local
 
 __all__ = [
     "CARRY_KEY",
-    "CURVATURE_KEY",
     "PREV_KEY",
     "STAT_KEYS",
     "AlphaStats",
     "adaptive_alpha",
     "alpha_from_sums",
     "line_sums",
-    "quadratic_alpha",
-    "quadratic_alpha_from_sums",
-    "quadratic_line_sums",
 ]
 
 #: Smoothing of the statistics of h over syncs.
@@ -328,104 +322,3 @@ def adaptive_alpha(
         _write_stats(params, state, stats)
         remember(params, state, group, k)
     return alpha
-
-
-# ---------------------------------------------------------------- the paper's rule, for comparison
-
-
-def _curvature(p: Tensor, st: Mapping[str, Any], group: Mapping[str, Any]) -> tuple[Tensor | None, float]:
-    """(tensor holding diag(A), scale to multiply it by); ``None`` means "use g ⊙ g"."""
-    user = st.get(CURVATURE_KEY)
-    if isinstance(user, Tensor):
-        return user, 1.0
-    second_moment = st.get("exp_avg_sq")
-    if isinstance(second_moment, Tensor):
-        scale = 1.0
-        betas = group.get("betas")
-        step = st.get("step")
-        if betas is not None and step is not None and group.get("bias_correction", True):
-            steps = _step_count(step)
-            if steps > 0:
-                scale = 1.0 / (1.0 - float(betas[1]) ** steps)
-        return second_moment, scale
-    square_avg = st.get("square_avg")
-    if isinstance(square_avg, Tensor):
-        return square_avg, 1.0
-    return None, 1.0
-
-
-def quadratic_line_sums(
-    params: Iterable[Tensor], state: Mapping[Tensor, Any], group: Mapping[str, Any]
-) -> Tensor:
-    """This process's fp64 ``[gᵀd, dᵀAd]`` with ``d = φ − θ`` over ``params`` (partial under sharding)."""
-    # Accumulate on each tensor's device and move to the CPU once: no device sync per tensor.
-    per_device: dict[torch.device, Tensor] = {}
-    for p in params:
-        st = state[p]
-        slow = st[SLOW_KEY]
-        grad = p.grad
-        curv, scale = _curvature(p, st, group)
-        dev = local(p).device
-        acc = per_device.setdefault(dev, torch.zeros(2, dtype=torch.float64, device=dev))
-        # Local shards of DTensors (FSDP2): the sums are this process's partial sums, reduced once by
-        # the caller; a reshape of the DTensor itself would redistribute it.
-        fast_flat = local(p.detach()).reshape(-1)
-        slow_flat = local(slow).reshape(-1)
-        grad_flat = local(grad.detach()).reshape(-1) if grad is not None else None
-        curv_flat = local(curv.detach()).reshape(-1) if curv is not None else None
-        for start in range(0, fast_flat.numel(), _CHUNK):
-            part = slice(start, start + _CHUNK)
-            d = slow_flat[part].double() - fast_flat[part].double()
-            g = grad_flat[part].double() if grad_flat is not None else None
-            if curv_flat is not None:
-                a = curv_flat[part].double() * scale
-            elif g is not None:
-                a = g * g
-            else:
-                continue  # no gradient and no curvature: contributes nothing to either sum
-            if g is not None:
-                acc[0] += torch.dot(g, d)
-            acc[1] += torch.dot(a, d * d)
-    sums = torch.zeros(2, dtype=torch.float64)
-    for acc in per_device.values():
-        sums += acc.cpu()
-    return sums
-
-
-def quadratic_alpha_from_sums(
-    grad_dot_d: float, d_a_d: float, bounds: tuple[float, float], fallback: float
-) -> float:
-    """α = 1 + gᵀd / dᵀAd clipped to ``bounds``; ``fallback`` when that is undefined."""
-    low, high = bounds
-    if not (math.isfinite(grad_dot_d) and math.isfinite(d_a_d)) or d_a_d <= 0.0:
-        return float(fallback)
-    alpha = 1.0 + grad_dot_d / d_a_d
-    if not math.isfinite(alpha):
-        return float(fallback)
-    return float(min(max(alpha, low), high))
-
-
-def quadratic_alpha(
-    params: list[Tensor],
-    state: Mapping[Tensor, Any],
-    group: Mapping[str, Any],
-    *,
-    bounds: tuple[float, float],
-    fallback: float,
-    reduce_fn: Callable[[Tensor], None] | None = None,
-) -> float:
-    """The paper's rule (for comparison; not what ``alpha="adaptive"`` uses): α = 1 + gᵀd / dᵀAd.
-
-    A = diag: ``state[p]["lookahead_curvature"]`` if a tensor, else Adam's bias-corrected ``exp_avg_sq``, else
-    RMSprop's ``square_avg``, else ``g ⊙ g``; ``g`` the last gradient; clipped to ``bounds``.
-
-    ``params`` are the group's tensors syncing now; ``state[p]`` holds φ and the inner optimizer's
-    state. ``reduce_fn``, when given, sums the fp64 partial sums across shards in place; every process
-    then derives the same α from the same global sums.
-    """
-    with torch.no_grad():
-        sums = quadratic_line_sums(params, state, group)
-        if reduce_fn is not None:
-            reduce_fn(sums)
-        grad_dot_d, d_a_d = (float(x) for x in sums.tolist())
-    return quadratic_alpha_from_sums(grad_dot_d, d_a_d, bounds, fallback)

@@ -9,7 +9,6 @@ __all__ = [
     "CARRY_KEY",
     "CONFIG_KEY",
     "COUNT_KEY",
-    "CURVATURE_KEY",
     "DEFAULT_PULLBACK_KEYS",
     "EVAL_WEIGHTS",
     "GROUP_ALPHA",
@@ -32,8 +31,6 @@ __all__ = [
 SLOW_KEY = "lookahead_slow"
 #: A Python int: inner steps this tensor has taken since its last sync, ``0 <= count < k``.
 COUNT_KEY = "lookahead_count"
-#: Optional user-supplied diagonal curvature estimate for ``alpha="adaptive"``.
-CURVATURE_KEY = "lookahead_curvature"
 #: The outer momentum buffer of the cross-node outer step (``outer.momentum``), beside φ and like φ sharded.
 OUTER_MOMENTUM_KEY = "lookahead_outer_momentum"
 

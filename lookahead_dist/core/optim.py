@@ -209,8 +209,6 @@ class Lookahead(Optimizer):
         self._plan: _Plan | None = None
         self._keys_checked: tuple[str, ...] | None = None
 
-    _nonfinite_check = True
-
     # ------------------------------------------------------------------ settings
     # Read-only views of the settings; change them with ``opt.settings = opt.settings.replace(k=3)``,
     # which validates the new values.
@@ -565,9 +563,7 @@ class Lookahead(Optimizer):
         state = self.optimizer.state
         # (param group, tensor, blocks kept, blocks) where θ was not finite.
         kept: list[tuple[int, Tensor, int, int]] = []
-        # "raise" checked everything before this call. ``_nonfinite_check`` is a private switch for the
-        # benchmarks (they report the check's cost separately); it is not a supported setting.
-        check = self.settings.nonfinite == "skip" and self._nonfinite_check
+        check = self.settings.nonfinite == "skip"  # "raise" checked everything before this call
         adaptive = check and any(self.param_groups[gi].get(GROUP_ALPHA, self.alpha) == "adaptive" for gi in due)
         if adaptive:
             # The line sums of adaptive α must not see NaN either: decide per whole tensor first.

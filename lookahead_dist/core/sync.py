@@ -28,8 +28,8 @@ Non-finite fast weights (the ``"skip"`` policy):
   pass over θ from memory.
 
 Callers that must decide per whole tensor before writing anything (``nonfinite="raise"``, adaptive α)
-call :func:`nonfinite_tensors` first and pass ``check=False``. What the check costs is measured in
-``benchmarks/bench_peers.py`` ("ours" against "ours, no check").
+call :func:`nonfinite_tensors` first and pass ``check=False``. What the check costs is measured by
+``benchmarks/bench_peers.py`` (numbers in ``benchmarks/RESULTS.md``).
 
 Every tensor here is a plain (local) tensor: DTensors are reduced to their local shards by the caller,
 so nothing in this module communicates.
@@ -57,9 +57,6 @@ SMALL = 1 << 15
 #: (see :func:`make_slow`) so that a run of them syncs as a few flat operations, the check included,
 #: instead of three multi-tensor passes. Between TINY and SMALL a tensor's check is one sum of it.
 TINY = 1 << 14
-#: Whether new φ of tiny CPU tensors are views of one flat buffer (measured: 0.3-0.6 ms less per sync
-#: for 500 tensors of 2k elements than multi-tensor batches, benchmarks/RESULTS.md "bench_peers").
-FLAT_SMALL = True
 
 #: (index into the lists, blocks kept, blocks in the tensor) for each tensor with a non-finite block.
 SyncReport = list[tuple[int, int, int]]
@@ -153,7 +150,7 @@ def make_slow(params: list[Tensor]) -> list[Tensor]:
     out: list[Tensor | None] = [None] * len(params)
     small: dict[torch.dtype, list[int]] = {}
     for i, p in enumerate(params):
-        if FLAT_SMALL and p.device.type == "cpu" and p.numel() < TINY and p.is_contiguous() and type(p) in _PLAIN:
+        if p.device.type == "cpu" and p.numel() < TINY and p.is_contiguous() and type(p) in _PLAIN:
             small.setdefault(p.dtype, []).append(i)
         else:
             out[i] = p.detach().clone(memory_format=torch.preserve_format)
