@@ -257,3 +257,64 @@ def test_grad_scaler_steps_go_through_lookahead() -> None:
     theta = [p.detach() for p in model.parameters()]
     assert _max_dev(theta, theta_ref) < TOL
     assert _max_dev([lookahead.state[p][SLOW_KEY] for p in model.parameters()], phi_ref) < TOL
+
+
+def _tiny_trainer(out: Path, callbacks: list[Any] | None = None) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    from tests.dist.hf_common import LR, N_TRAIN, WD, make_model, train_set
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=N_TRAIN, learning_rate=LR, weight_decay=WD,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, optim="adamw_torch",
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    return Trainer(model=make_model(), args=args, train_dataset=train_set(), callbacks=callbacks)
+
+
+def test_callback_without_attach_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from accelerate.state import AcceleratorState
+
+    from lookahead_dist.transformers import LookaheadTrainerCallback
+
+    try:
+        with pytest.raises(RuntimeError, match=r"was not attached.*\.attach\(trainer\)"):
+            _tiny_trainer(tmp_path, callbacks=[LookaheadTrainerCallback(k=K, alpha=ALPHA)])
+        trainer = _tiny_trainer(tmp_path)
+        trainer.add_callback(LookaheadTrainerCallback(k=K, alpha=ALPHA))  # added, never attached
+        with pytest.raises(RuntimeError, match="was not attached"):
+            trainer.train()
+        with pytest.raises(TypeError, match="expected a transformers.Trainer"):
+            LookaheadTrainerCallback().attach(object())  # type: ignore[arg-type]
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def test_a_callback_rebuilt_from_its_state_is_served(tmp_path: Path) -> None:
+    """The Trainer may replace the attached instance by one built from ``state()`` (restoring callback states
+    from a checkpoint); the wrapped Trainer methods serve whichever instance its callback handler holds."""
+    from accelerate.state import AcceleratorState
+
+    from lookahead_dist.core.keys import SLOW_KEY
+    from lookahead_dist.transformers import LookaheadTrainerCallback
+
+    try:
+        trainer = _tiny_trainer(tmp_path)
+        attached = LookaheadTrainerCallback(k=K, alpha=ALPHA).attach(trainer)
+        with pytest.raises(ValueError, match="already has a LookaheadTrainerCallback"):
+            LookaheadTrainerCallback().attach(trainer)
+        trainer.callback_handler.remove_callback(attached)
+        rebuilt = LookaheadTrainerCallback(**attached.state()["args"])
+        trainer.callback_handler.add_callback(rebuilt)
+        trainer.train()
+    finally:
+        AcceleratorState._reset_state(True)
+    assert attached.lookahead is None and rebuilt.lookahead is not None
+    theta, phi = _reference()
+    params = list(trainer.model.parameters())
+    assert _max_dev([p.detach() for p in params], theta) < TOL
+    assert _max_dev([rebuilt.lookahead.state[p][SLOW_KEY] for p in params], phi) < TOL
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["lookahead/syncs"] for entry in logs] == [float(s // K) for s in range(1, STEPS + 1)]
+    assert all(entry["lookahead/alpha"] == ALPHA for entry in logs)

@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=eval_set,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[callback] if callback is not None else None,
     )
+    if callback is not None:
+        callback.attach(trainer)
     metrics: dict[str, float] = {}
     if training_args.do_train or not training_args.do_eval:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

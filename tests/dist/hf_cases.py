@@ -144,9 +144,10 @@ def record(trainer: Trainer, cb: LookaheadTrainerCallback | None) -> dict[str, A
 def train(name: str, cb: LookaheadTrainerCallback | None, args: TrainingArguments, resume: str | None = None,
           evaluate: bool = False) -> tuple[Trainer, dict[str, Any]]:
     COMM.clear()
-    callbacks: list[TrainerCallback] = [StepCollectives()] + ([cb] if cb is not None else [])
     trainer = Trainer(model=make_model(), args=args, train_dataset=train_set(), eval_dataset=eval_set(),
-                      callbacks=callbacks)
+                      callbacks=[StepCollectives()])
+    if cb is not None:
+        cb.attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
     result = record(trainer, cb)
     result["comm"] = copy.deepcopy(COMM)
@@ -190,8 +191,8 @@ def run_mode() -> None:
         _, results["section"] = train("section", LookaheadTrainerCallback(log_distance=True),
                                       make_args("section", ds=ds_config(2, SECTION)))
         try:
-            Trainer(model=make_model(), args=make_args("conflict", ds=ds_config(2, SECTION)),
-                    train_dataset=train_set(), callbacks=[LookaheadTrainerCallback(k=3)])
+            LookaheadTrainerCallback(k=3).attach(Trainer(model=make_model(), train_dataset=train_set(),
+                                                         args=make_args("conflict", ds=ds_config(2, SECTION))))
             results["conflict"] = "no error"
         except LookaheadConfigError as e:
             results["conflict"] = str(e)
