@@ -42,8 +42,8 @@ demo: $(STAMP)
 	$(BIN)/python -m examples.lm.demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_sync.py
-	$(BIN)/python benchmarks/bench_zero.py
+	$(BIN)/python -m benchmarks.bench_sync
+	$(BIN)/python -m benchmarks.bench_zero
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check lookahead_dist callbacks

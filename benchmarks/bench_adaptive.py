@@ -1,4 +1,4 @@
-"""Fixed vs adaptive Lookahead α on the LM example (examples/lm), one CPU process, a few minutes.
+"""Fixed vs adaptive Lookahead α on the LM example (examples/lm), one CPU process.
 
 Four runs of ``python -m examples.lm.cli fit --config configs/lm_cpu.yaml [--config <lookahead yaml>]``, each in
 its own subprocess, same seed (``seed_everything`` in configs/lm_base.yaml), data and AdamW settings:
@@ -12,8 +12,8 @@ Reads each run's ``logs/metrics.csv`` (``val_ppl``, ``lookahead/alpha``, ``looka
 and best validation perplexity, mean α over syncs and how often it sat at a bound, wall time), writes
 ``bench_adaptive.png`` (validation perplexity and α over steps) and the "bench_adaptive" section of RESULTS.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py             # 300 steps, val every 50
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py --steps 20 --val-every 10   # smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_adaptive             # 300 steps, val every 50
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_adaptive --steps 20 --val-every 10 --out /tmp/ba --results-dir /tmp/ba
 """
 
 from __future__ import annotations
@@ -26,26 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-
+from benchmarks.common import BENCH_DIR, REPO, RESULTS_MD, command_line, pyplot, read_section, update_section
 from examples.common.runs import read_metrics, run_cli, series
-
-sys.path.insert(0, str(HERE))
-from bench_sync import update_section  # the shared RESULTS.md section writer
 
 SECTION = "bench_adaptive"
 
 SETUP = "configs/lm_cpu.yaml"
 MARKER = "<!-- hand-written reading below -->"
-
-
-def read_section(path: Path, name: str) -> str:
-    """The current text of ``name``'s section of RESULTS.md ("" when there is none)."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    text = path.read_text() if path.exists() else ""
-    return text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else ""
 DEFAULT_READING = "\n\nOne seed, one short run: read differences of a few percent in perplexity as noise.\n"
 RUNS: dict[str, dict] = {
     "adamw": {"dir": "adamw", "args": []},
@@ -136,11 +123,7 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_ppl, ax_alpha) = plt.subplots(1, 2, figsize=(11, 4))
     for i, r in enumerate(results):
         color = f"C{i}"  # same colour for a run in both panels
@@ -199,7 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--val-every", type=int, default=50, help="validate every this many steps")
     parser.add_argument("--out", type=Path, default=REPO / "out" / "bench_adaptive", help="run folders")
-    parser.add_argument("--results-dir", type=Path, default=HERE, help="where the PNG and the .md go")
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR, help="where the PNG and the .md go")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -215,15 +198,16 @@ def main() -> None:
     png = args.results_dir / "bench_adaptive.png"
     plot(results, png)
     commands = "\n".join(r["command"] for r in results)
-    md = args.results_dir / "RESULTS.md"
+    md = args.results_dir / RESULTS_MD.name
+    argv = ["--steps", str(args.steps), "--val-every", str(args.val_every)]
     # The hand-written reading below the marker survives a re-run (update it when the numbers change).
     kept = read_section(md, SECTION).partition(MARKER)[2]
     update_section(
         md,
         SECTION,
         "## Adaptive α on the LM example (bench_adaptive)\n\n"
-        f"Produced by `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_adaptive.py --steps {args.steps} "
-        f"--val-every {args.val_every}` ({total:.0f} s in all) on {platform.machine()} Linux, "
+        f"Produced by `{command_line('benchmarks.bench_adaptive', argv, prefix='OMP_NUM_THREADS=1')}` "
+        f"({total:.0f} s in all) on {platform.machine()} Linux, "
         f"{os.cpu_count()} CPU cores, no GPU, one training process with 1 thread; {versions()}. "
         "The machine may be shared with other jobs, so times are rough.\n\n"
         "Setup: the LM example's defaults (`configs/lm_base.yaml`: GPT-2 config 2 layers x 128 wide, 4 heads, "

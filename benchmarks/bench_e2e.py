@@ -17,7 +17,8 @@ the per-round ratio to AdamW. Also, per rank, the bytes of optimizer state beyon
 run, against ``4·P/N`` (a shard) and ``4·P`` (a full fp32 copy).
 
     .venv/bin/pip install --no-deps --target /tmp/la_peers timm pytorch_optimizer torch-optimizer   # optional
-    .venv/bin/python benchmarks/bench_e2e.py --peers /tmp/la_peers        # ~3 min on 2 CPU cores
+    .venv/bin/python -m benchmarks.bench_e2e --peers /tmp/la_peers
+    .venv/bin/python -m benchmarks.bench_e2e --rounds 1 --steps 5 --results-dir /tmp/e2e   # a smoke run
 
 Writes ``bench_e2e.json`` and the "bench_e2e" section of RESULTS.md.
 """
@@ -27,40 +28,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_MD,
+    command_line,
+    environment_lines,
+    free_port,
+    load_peers,
+    run_workers,
+    torchrun_cmd,
+    update_section,
+    worker_env,
+)
+
 K, ALPHA = 5, 0.5
 MODEL: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 128, "dropout": 0.0}  # configs/lm_base.yaml
 DATA: dict[str, Any] = {"vocab_size": 4096, "seq_len": 128, "batch_size": 16, "max_val_blocks": 8}
 ADAMW_KEYS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # ----------------------------------------------------------------------------------------------- worker
-def peer_factories(folder: str | None) -> tuple[dict[str, Any], dict[str, str]]:
-    sys.path.insert(0, str(HERE))
-    import bench_peers
-
-    bench_peers.ALPHA = ALPHA
-    bench_peers.K_NOW[0] = K
-    return bench_peers.load_peers(Path(folder) if folder else None)
-
-
 def state_extra_bytes(optimizer: Any) -> int:
     """Bytes of tensors in the optimizer's state (and any optimizer it wraps) other than AdamW's own."""
     import torch
@@ -87,15 +81,13 @@ def worker(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     import logging
 
+    import deepspeed
     import torch
     import torch.distributed as tdist
 
-    sys.path.insert(0, str(REPO))
-    import deepspeed
-
+    import lookahead_dist.deepspeed as la_ds
     from examples.lm.data import LMDataModule
     from examples.lm.model import build_causal_lm
-    import lookahead_dist.deepspeed as la_ds
     from lookahead_dist.deepspeed.holders import find_lookahead
 
     def sync_count(engine: Any) -> int | None:
@@ -125,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
         start = ((i * world + rank) * batch) % (len(blocks) - batch)
         return blocks[start : start + batch]
 
-    peers, versions = peer_factories(args.peers)
+    peers, versions = load_peers(Path(args.peers) if args.peers else None)
     names = ["AdamW", "ours", *peers]
     engines: dict[str, Any] = {}
     clients: dict[str, Any] = {}
@@ -149,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
                 config["lookahead"] = {"k": K, "alpha": ALPHA}
                 engine, client, _, _ = la_ds.initialize(model=model, optimizer=inner, config=config)
             else:
-                client = inner if name == "AdamW" else peers[name](inner)
+                client = inner if name == "AdamW" else peers[name](inner, K, ALPHA)
                 engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
             for i in range(2 * K):  # warm-up: state, φ, allocator
                 loss = engine(input_ids=batch_at(i), labels=batch_at(i)).loss
@@ -224,22 +216,15 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- launcher
-def launch(args: argparse.Namespace, out_prefix: Path) -> list[dict]:
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu"
-    )
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(Path(__file__).resolve()), "--worker", "--out", str(out_prefix),
-        "--rounds", str(args.rounds), "--steps", str(args.steps),
-    ]  # fmt: skip
+def launch(args: argparse.Namespace, out_prefix: Path, hf_home: Path) -> list[dict]:
+    """This module again under ``torchrun --nproc_per_node 2 -m`` with ``--worker``; each rank's JSON record."""
+    worker_args = ["--worker", "--out", str(out_prefix), "--rounds", str(args.rounds), "--steps", str(args.steps)]
     if args.peers:
-        cmd += ["--peers", str(args.peers)]
-    print("launching:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        worker_args += ["--peers", str(args.peers)]
+    port = free_port()
+    cmd = torchrun_cmd("benchmarks.bench_e2e", worker_args, nproc=2, port=port)
+    env = worker_env(port, {"HF_HOME": os.environ.get("HF_HOME", str(hf_home))})
+    run_workers([cmd], env, args.timeout)
     return [json.loads(Path(f"{out_prefix}.rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -277,15 +262,12 @@ def summarize(ranks: list[dict], steps: int) -> dict:
 
 
 def report(summary: dict, args: argparse.Namespace, seconds: float) -> str:
-    sys.path.insert(0, str(HERE))
-    from bench_sync import environment_lines
-
     p, n = summary["n_params"], summary["world_size"]
     lines = environment_lines("cpu")
+    argv = [*(["--peers", str(args.peers)] if args.peers else []), "--rounds", str(args.rounds), "--steps", str(args.steps)]
     lines.append(
-        f"- command: `.venv/bin/python benchmarks/bench_e2e.py{' --peers ' + str(args.peers) if args.peers else ''}"
-        f" --rounds {args.rounds} --steps {args.steps}` ({seconds:.0f} s); torchrun --nproc_per_node 2, gloo, "
-        "1 torch thread per process"
+        f"- command: `{command_line('benchmarks.bench_e2e', argv)}` ({seconds:.0f} s); torchrun --nproc_per_node 2, "
+        "gloo, 1 torch thread per process"
     )
     if summary["versions"]:
         lines.append("- peers (pip install --no-deps --target, benchmark only): "
@@ -334,7 +316,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=10, help="steps per block (a multiple of k=5)")
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)  # the worker's file prefix
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR, help="where bench_e2e.json and RESULTS.md go")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args()
@@ -345,18 +328,15 @@ def main() -> None:
 
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("HF_HOME", str(Path(tmp) / "hf"))
-        ranks = launch(args, Path(tmp) / "e2e")
+        ranks = launch(args, Path(tmp) / "e2e", Path(tmp) / "hf")
     summary = summarize(ranks, args.steps)
     seconds = time.time() - started
-    (HERE / "bench_e2e.json").write_text(json.dumps({"summary": summary, "ranks": ranks}, indent=1))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "bench_e2e.json").write_text(json.dumps({"summary": summary, "ranks": ranks}, indent=1))
     body = report(summary, args, seconds)
     print(body)
     if not args.no_results_md:
-        sys.path.insert(0, str(HERE))
-        from bench_sync import update_section
-
-        update_section(HERE / "RESULTS.md", "bench_e2e", "## End to end: LM example under ZeRO-2 (bench_e2e)\n\n" + body)
+        update_section(args.results_dir / RESULTS_MD.name, "bench_e2e", "## End to end: LM example under ZeRO-2 (bench_e2e)\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Adaptive α on the paper's noisy quadratic model (NQM): is ``alpha="adaptive"`` ever worse? CPU, a few minutes.
+"""Adaptive α on the paper's noisy quadratic model (NQM): is ``alpha="adaptive"`` ever worse? CPU.
 
 The model (Zhang et al. 2019, arXiv 1907.08610, Section 3.1, after Zhang et al. 2019b): ``L(x) = ½ Σᵢ hᵢ (xᵢ − cᵢ)²``
 with ``h = logspace(−2, 0, 100)`` and a minimiser ``c ~ N(0, diag(h))`` drawn afresh at every step, so every
@@ -8,8 +8,8 @@ its noise floor), averaged over the last ``--tail`` steps, then over ``--seeds``
 every optimizer). Optimizers: the inner one alone; Lookahead with k=5 and α=0.5; the paper's quadratic rule
 (``lookahead_dist.core.adaptive.quadratic_alpha``, bounds [0.5, 1]); ``alpha="adaptive"`` with default bounds.
 
-    .venv/bin/python benchmarks/bench_nqm.py              # 3 seeds, 3000 steps, SGD and Adam x 3 lrs (~2 min CPU)
-    .venv/bin/python benchmarks/bench_nqm.py --quick      # 1 seed, 1500 steps: a smoke run
+    .venv/bin/python -m benchmarks.bench_nqm              # 3 seeds, 3000 steps, SGD and Adam x 3 lrs
+    .venv/bin/python -m benchmarks.bench_nqm --quick --results-dir /tmp/nqm   # 1 seed, 1500 steps: a smoke run
 
 Prints the table and writes the "bench_nqm" section of RESULTS.md.
 """
@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,15 +29,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
+from benchmarks.common import BENCH_DIR, RESULTS_MD, command_line, update_section
 from lookahead_dist import Lookahead
 from lookahead_dist.core import adaptive
 from lookahead_dist.core.keys import SLOW_KEY
-
-sys.path.insert(0, str(HERE))
-from bench_sync import update_section  # the shared RESULTS.md section writer
 
 SECTION = "bench_nqm"
 DIM = 100
@@ -140,7 +134,7 @@ def main() -> None:
     parser.add_argument("--tail", type=int, default=1500, help="steps at the end the loss is averaged over")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative slack against α=0.5")
     parser.add_argument("--quick", action="store_true", help="1 seed, 1500 steps, tail 500")
-    parser.add_argument("--results-dir", type=Path, default=HERE)
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR, help="where RESULTS.md is")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.tail = 1, 1500, 500
@@ -151,11 +145,9 @@ def main() -> None:
     text = table(rows, args.tolerance)
     print("\n" + text)
     worse = [r for r in rows if verdict(r, args.tolerance) == "**no**"]
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_nqm.py" + (
-        " --quick" if args.quick else ""
-    )
+    command = command_line("benchmarks.bench_nqm", ["--quick"] if args.quick else [], prefix="OMP_NUM_THREADS=1")
     update_section(
-        args.results_dir / "RESULTS.md",
+        args.results_dir / RESULTS_MD.name,
         SECTION,
         "## Adaptive α on the noisy quadratic model (bench_nqm)\n\n"
         f"Produced by `{command}` ({seconds:.0f} s) on {platform.machine()} Linux, {os.cpu_count()} CPU cores, "

@@ -1,12 +1,14 @@
 """Cross-node Lookahead on 2 simulated nodes: inter-node bytes per step, and LM validation perplexity.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_outer.py [--steps 100] [--runs a,b,...]
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m benchmarks.bench_outer [--steps 100] [--runs a,b,...]
+    .venv/bin/python -m benchmarks.bench_outer --steps 4 --eval-every 2 --runs adamw,nodes_k5 --results-dir /tmp/o
 
 launches two torchrun invocations on this machine (``--nnodes 2 --node_rank 0|1``, one process each) that train
 the LM example's model (GPT-2 config, examples/lm) with DeepSpeed ZeRO-2 and AdamW under every run below, in
 turn, on the same global batches (each rank draws its own half of a global batch). Every collective issued
 during the training steps is counted with the global ranks of its process group; one whose group spans both
-nodes is inter-node traffic. Writes benchmarks/bench_outer.json and the "bench_outer" section of RESULTS.md.
+nodes is inter-node traffic. Writes bench_outer.json and the "bench_outer" section of RESULTS.md (in
+``--results-dir``, default benchmarks/).
 
 Runs: ``adamw`` (global ZeRO-2, one data-parallel group of both nodes), ``lookahead`` (the same plus
 Lookahead k=5 α=0.5, local syncs), and the cross-node mode ``nodes_k{5,20,50}`` (every node its own ZeRO-2
@@ -28,8 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_MD,
+    command_line,
+    free_port,
+    run_workers,
+    torchrun_cmd,
+    update_section,
+    worker_env,
+)
 
 RUNS: dict[str, dict[str, Any] | None] = {
     "adamw": None,
@@ -48,7 +58,6 @@ SEQ_LEN, BATCH, VOCAB, VAL_BLOCKS, LR, WD = 64, 8, 4096, 48, 2e-3, 0.01
 
 # ============================================================== worker (one process per node)
 def worker(out: Path, steps: int, eval_every: int, names: list[str]) -> None:
-    sys.path.insert(0, str(REPO))
     import torch
     import torch.distributed as tdist
 
@@ -199,7 +208,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS))
-    parser.add_argument("--results-dir", type=Path, default=HERE)
+    parser.add_argument("--results-dir", type=Path, default=BENCH_DIR, help="where bench_outer.json and RESULTS.md go")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.runs.split(",")
@@ -211,9 +220,6 @@ def main() -> None:
         return
     if "adamw" not in names:
         parser.error("--runs must include adamw (the baseline of the traffic ratio)")
-    sys.path.insert(0, str(REPO))
-    from tests.helpers import child_env, free_port, run_all, torchrun_cmd
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-outer-") as tmp:
         out = Path(tmp)
@@ -222,27 +228,22 @@ def main() -> None:
                  "--runs", ",".join(names)]  # fmt: skip
         cmds = [torchrun_cmd("benchmarks.bench_outer", wargs, nproc=1, port=port, nnodes=2, node_rank=n)
                 for n in (0, 1)]  # fmt: skip
-        env = child_env(port=port, extra={"LOOKAHEAD_CACHE_DIR": str(out / "cache")})
-        procs = run_all(cmds, timeout=3000, env=env)
-        for proc in procs:
-            if proc.returncode != 0:
-                raise SystemExit(proc.stdout[-5000:])
+        env = worker_env(port, {"HF_HOME": str(out / "hf"), "LOOKAHEAD_CACHE_DIR": str(out / "cache")})
+        run_workers(cmds, env, timeout=3000)
         res = json.loads((out / "rank0.json").read_text())
     import deepspeed
     import torch
 
     meta = {
-        "command": "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/bench_outer.py "
-        + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks.bench_outer", sys.argv[1:], prefix="OMP_NUM_THREADS=1 nice -n 10"),
         "seconds": time.perf_counter() - started,
         "steps": args.steps,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, no GPU",
         "versions": f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}",
     }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "bench_outer.json").write_text(json.dumps({"meta": meta, "runs": res}, indent=1))
-    from bench_sync import update_section
-
-    update_section(args.results_dir / "RESULTS.md", "bench_outer", section(res, meta))
+    update_section(args.results_dir / RESULTS_MD.name, "bench_outer", section(res, meta))
     print(section(res, meta))
 
 

@@ -25,11 +25,11 @@ every ``--val-every`` steps. Runs are resumable: every finished run is stored in
 next time, so the sweep can run in pieces; ``--only`` picks a subset. Runs are seed-major: a partial sweep
 already covers every learning rate.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_paper.py                 # LM sweep (~25 min CPU), resumable
-    nice -n 19 .venv/bin/python benchmarks/bench_paper.py --task nmt      # NMT sweep (~41 min CPU), resumable
-    .venv/bin/python benchmarks/bench_paper.py --report                   # no training: tables, plots, RESULTS.md
-    .venv/bin/python benchmarks/bench_paper.py --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
-    .venv/bin/python benchmarks/bench_paper.py --task nmt --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
+    nice -n 10 .venv/bin/python -m benchmarks.bench_paper                 # LM sweep, resumable
+    nice -n 19 .venv/bin/python -m benchmarks.bench_paper --task nmt      # NMT sweep, resumable
+    .venv/bin/python -m benchmarks.bench_paper --report                   # no training: tables, plots, RESULTS.md
+    .venv/bin/python -m benchmarks.bench_paper --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
+    .venv/bin/python -m benchmarks.bench_paper --task nmt --steps 20 --seeds 1 --store /tmp/p.json --only adamw --no-report
 
 Writes ``bench_paper.json`` / ``bench_paper_nmt.json`` (the runs of each task), ``bench_paper_lr.png`` and
 ``bench_paper_nmt_lr.png`` (final score against the learning rate), ``bench_paper_curves.png`` and
@@ -48,7 +48,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,18 +59,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.common import BENCH_DIR, REPO, RESULTS_MD, command_line, pyplot, read_section, update_section
+
 # The NMT data goes through datasets.load_dataset("csv"): keep its cache beside the tokenizers, not in ~/.cache.
 os.environ.setdefault("HF_DATASETS_CACHE", str(REPO / "out" / "cache" / "hf-datasets"))
 
 from examples.lm.data import LMDataModule
 from examples.lm.model import build_causal_lm
 from lookahead_dist import Lookahead
-
-sys.path.insert(0, str(HERE))
-from bench_sync import update_section
 
 SECTION = "bench_paper"
 TASKS = ("lm", "nmt")
@@ -114,12 +109,12 @@ NMT_FAMILIES: dict[str, dict[str, Any]] = {
 TASK_FAMILIES = {"lm": FAMILIES, "nmt": NMT_FAMILIES}
 # Defaults per task; the LM runs in bench_paper.json are 300 steps.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lm": {"steps": 300, "val_every": 50, "bleu_every": 0, "store": HERE / "bench_paper.json"},
-    "nmt": {"steps": 500, "val_every": 50, "bleu_every": 250, "store": HERE / "bench_paper_nmt.json"},
+    "lm": {"steps": 300, "val_every": 50, "bleu_every": 0, "store": BENCH_DIR / "bench_paper.json"},
+    "nmt": {"steps": 500, "val_every": 50, "bleu_every": 250, "store": BENCH_DIR / "bench_paper_nmt.json"},
 }
 COMMANDS = {
-    "lm": "nice -n 10 .venv/bin/python benchmarks/bench_paper.py",
-    "nmt": "nice -n 19 .venv/bin/python benchmarks/bench_paper.py --task nmt",
+    "lm": command_line("benchmarks.bench_paper", [], prefix="nice -n 10"),
+    "nmt": command_line("benchmarks.bench_paper", ["--task", "nmt"], prefix="nice -n 19"),
 }
 FAMILY_NAMES = {"adamw": ("AdamW", "Lookahead(AdamW)"), "sgd": ("SGD-m", "Lookahead(SGD-m)")}
 VARIANTS: dict[str, dict[str, Any] | None] = {  # name -> Lookahead keywords (None: the inner optimizer alone)
@@ -469,15 +464,6 @@ def variant_table(groups: dict, families: dict[str, dict[str, Any]] = FAMILIES, 
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _lr_panel(ax: Any, groups: dict, family: str, spec: dict[str, Any], key: str, ylabel: str, log_y: bool) -> None:
     """Final ``key`` against the learning rate, inner vs Lookahead k=5 α=0.5, mean ± std over seeds."""
     import matplotlib.ticker
@@ -511,7 +497,7 @@ def _curves_figure(
     groups: dict, families: dict[str, dict[str, Any]], path: Path, title: str, ylabel: str, log_y: bool, lr_name: str
 ) -> None:
     """Validation curves per (family, lr): mean over seeds, band = min..max; 'diverged' where all runs did."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 5, figsize=(17, 6.5), sharex=True)
     for row, (family, spec) in zip(axes, families.items()):
         for ax, lr in zip(row, spec["lrs"]):
@@ -545,7 +531,7 @@ def _curves_figure(
 
 
 def plots(groups: dict) -> list[str]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (family, spec) in zip(axes, FAMILIES.items()):
         _lr_panel(ax, groups, family, spec, "final", "final val perplexity", log_y=True)
@@ -554,16 +540,16 @@ def plots(groups: dict) -> list[str]:
         ax.legend(fontsize=9)
     fig.suptitle("LM example (1x64 GPT-2, WikiText-2): robustness to the learning rate", fontsize=11)
     fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_lr.png", dpi=110)
+    fig.savefig(BENCH_DIR / "bench_paper_lr.png", dpi=110)
     plt.close(fig)
-    _curves_figure(groups, FAMILIES, HERE / "bench_paper_curves.png",
+    _curves_figure(groups, FAMILIES, BENCH_DIR / "bench_paper_curves.png",
                    "Learning curves: mean over seeds, band = min..max", "val perplexity", True, "lr")  # fmt: skip
     return ["bench_paper_lr.png", "bench_paper_curves.png"]
 
 
 def nmt_plots(groups: dict) -> list[str]:
     """BLEU and validation NLL against the peak lr (top / bottom row), and validation-NLL learning curves."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex="col")
     for col, (family, spec) in enumerate(NMT_FAMILIES.items()):
         for row, (key, ylabel) in enumerate((("final", "final val BLEU"), ("final_nll", "final val NLL"))):
@@ -577,9 +563,9 @@ def nmt_plots(groups: dict) -> list[str]:
     model = f"{NMT_MODEL['layers']}+{NMT_MODEL['layers']} x {NMT_MODEL['d_model']} Marian"
     fig.suptitle(f"NMT example ({model}, Tatoeba de→en): robustness to the learning rate", fontsize=11)
     fig.tight_layout()
-    fig.savefig(HERE / "bench_paper_nmt_lr.png", dpi=110)
+    fig.savefig(BENCH_DIR / "bench_paper_nmt_lr.png", dpi=110)
     plt.close(fig)
-    _curves_figure(groups, NMT_FAMILIES, HERE / "bench_paper_nmt_curves.png",
+    _curves_figure(groups, NMT_FAMILIES, BENCH_DIR / "bench_paper_nmt_curves.png",
                    "NMT learning curves: validation NLL, mean over seeds, band = min..max",
                    "val NLL (teacher-forced)", False, "peak lr")  # fmt: skip
     return ["bench_paper_nmt_lr.png", "bench_paper_nmt_curves.png"]
@@ -691,11 +677,7 @@ def nmt_body(runs: list[dict], steps: int, val_every: int, bleu_every: int, seed
 
 def kept_readings(md: Path) -> tuple[str, str]:
     """The hand-written LM and NMT readings now in RESULTS.md's section ('' where there is none)."""
-    old = md.read_text() if md.exists() else ""
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    if begin not in old:
-        return "", ""
-    section = old.split(begin, 1)[1].split(end, 1)[0]
+    section = read_section(md, SECTION)
     lm = nmt = ""
     if READING in section:
         lm = section.split(READING, 1)[1].split(NMT_PART, 1)[0].strip("\n")
@@ -706,7 +688,7 @@ def kept_readings(md: Path) -> tuple[str, str]:
 
 def report(stores: dict[str, Path], steps: dict[str, int], seeds: dict[str, int]) -> None:
     """Rewrite the whole bench_paper section: the LM part, then the NMT part, each with its kept reading."""
-    md = HERE / "RESULTS.md"
+    md = RESULTS_MD
     lm_reading, nmt_reading = kept_readings(md)
     lm = lm_body(
         load_all(stores["lm"], "lm"), steps["lm"], TASK_DEFAULTS["lm"]["val_every"], seeds["lm"], stores["lm"]

@@ -4,7 +4,9 @@ Contenders, each wrapping its own copy of the same inner optimizer over its own 
 (same values, same gradients):
 
 * ``ours``                ``lookahead_dist.Lookahead`` (default ``nonfinite="skip"``: θ is checked at each sync);
-* ``ours, no check``      the same with the check switched off (a private switch), to show its cost;
+* ``core kernel``         the inner step, then the core's sync kernel alone (``lookahead_dist.core.sync``:
+  ``make_slow`` + one ``SyncPlan``), checked as ``ours`` checks; ``ours`` minus this is Lookahead's bookkeeping;
+* ``core kernel, no check`` the same kernel without the non-finite check, to show the check's cost;
 * ``foreach``             the inner step, then ``_foreach_lerp_`` + ``_foreach_copy_`` over the list;
 * ``loop``                the inner step, then ``slow.lerp_(fast); fast.copy_(slow)`` per tensor;
 * ``timm``                ``timm.optim.lookahead.Lookahead``;
@@ -14,11 +16,11 @@ Contenders, each wrapping its own copy of the same inner optimizer over its own 
 The three peers are installed only for this benchmark, never as project dependencies::
 
     .venv/bin/pip install --no-deps --target /tmp/la_peers timm pytorch_optimizer torch-optimizer
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peers.py --peers /tmp/la_peers
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_peers --peers /tmp/la_peers
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_peers --quick --no-results-md   # a smoke run
 
-(``--no-deps``: a plain ``pip install timm`` pulls torchvision and may replace torch. The timm file is
-loaded on its own, timm's package ``__init__`` needs torchvision; torch_optimizer's ``__init__`` imports
-``pytorch_ranger``, which is replaced by an empty stand-in module: its Lookahead does not use it.)
+(``--no-deps``: a plain ``pip install timm`` pulls torchvision and may replace torch. How they are loaded
+without their dependencies: :func:`benchmarks.common.load_peers`.)
 
 Two measurements:
 
@@ -43,7 +45,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from torch import Tensor
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmarks.bench_sync import environment_lines, update_section
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_MD,
+    command_line,
+    environment_lines,
+    load_peers,
+    pyplot,
+    update_section,
+)
 from lookahead_dist import Lookahead
+from lookahead_dist.core.sync import SyncPlan, make_slow
 
 ALPHA = 0.5
 
@@ -71,52 +78,6 @@ SHAPES: dict[str, list[tuple[int, ...]]] = {
 QUICK = ["96 (24×Linear256+LN), 1.6M", "500 tensors of 2k, 1M"]
 
 
-def load_peers(folder: Path | None) -> tuple[dict[str, Any], dict[str, str]]:
-    """The peers' Lookahead classes (name -> class) and their versions; missing ones are left out."""
-    from importlib.metadata import PathDistribution
-
-    classes: dict[str, Any] = {}
-    versions: dict[str, str] = {}
-    if folder is None:
-        return classes, versions
-    sys.path.insert(0, str(folder))
-
-    def version_of(dist: str) -> str:
-        for info in folder.glob(f"{dist}-*.dist-info"):
-            return PathDistribution(info).version
-        return "?"
-
-    timm_file = folder / "timm" / "optim" / "lookahead.py"
-    if timm_file.exists():
-        spec = importlib.util.spec_from_file_location("_timm_lookahead", timm_file)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        classes["timm"] = lambda opt: module.Lookahead(opt, alpha=ALPHA, k=K_NOW[0])
-        versions["timm"] = version_of("timm")
-    try:
-        from pytorch_optimizer import Lookahead as POLookahead
-
-        classes["pytorch_optimizer"] = lambda opt: POLookahead(opt, k=K_NOW[0], alpha=ALPHA)
-        versions["pytorch_optimizer"] = version_of("pytorch_optimizer")
-    except ImportError as exc:
-        print(f"pytorch_optimizer not available: {exc}")
-    if "pytorch_ranger" not in sys.modules:
-        stub = types.ModuleType("pytorch_ranger")
-        for name in ("Ranger", "RangerQH", "RangerVA"):
-            setattr(stub, name, type(name, (), {}))
-        sys.modules["pytorch_ranger"] = stub
-    try:
-        from torch_optimizer import Lookahead as TOLookahead
-
-        classes["torch_optimizer"] = lambda opt: TOLookahead(opt, k=K_NOW[0], alpha=ALPHA)
-        versions["torch_optimizer"] = version_of("torch_optimizer")
-    except ImportError as exc:
-        print(f"torch_optimizer not available: {exc}")
-    return classes, versions
-
-
-K_NOW = [1]  # k the peer factories use (set per measurement)
 PREVIOUS: list[Any] = [None]  # Lookahead class of an earlier commit's core (--previous), or None
 
 
@@ -152,6 +113,26 @@ def groups_of(params: list[Tensor], shape_name: str) -> list[dict[str, Any]] | l
     return params
 
 
+class CoreKernel:
+    """Inner step + the core's sync kernel alone (the ``core kernel`` rows): φ laid out by
+    ``lookahead_dist.core.sync.make_slow``, one ``SyncPlan`` over every tensor, run with or without its
+    non-finite check. Its two rows give the check's cost; ``ours`` against ``core kernel`` gives what
+    Lookahead's bookkeeping adds to the kernel."""
+
+    def __init__(self, inner: torch.optim.Optimizer, k: int, check: bool) -> None:
+        self.inner, self.k, self.check, self.t = inner, k, check, 0
+        fast = [p for g in inner.param_groups for p in g["params"]]
+        with torch.no_grad():
+            self.plan = SyncPlan(fast, make_slow(fast))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.inner.step()
+        self.t += 1
+        if self.t % self.k == 0:
+            self.plan.run(ALPHA, self.check)
+
+
 class Manual:
     """Inner step + a hand-written sync (the ``foreach`` and ``loop`` rows)."""
 
@@ -179,7 +160,6 @@ def contenders(
     shape_name: str, inner: Callable[[Any], torch.optim.Optimizer], k: int, peers: dict[str, Any], base: str
 ) -> dict[str, Callable[[], Any]]:
     shapes = SHAPES[shape_name]
-    K_NOW[0] = k
     made: dict[str, Callable[[], Any]] = {}
 
     def params() -> Any:
@@ -187,15 +167,14 @@ def contenders(
 
     made[base] = inner(params()).step
     made["ours"] = Lookahead(inner(params()), k=k, alpha=ALPHA).step
-    unchecked = Lookahead(inner(params()), k=k, alpha=ALPHA)
-    unchecked._nonfinite_check = False  # private switch: the same sync without the non-finite check
-    made["ours, no check"] = unchecked.step
+    made["core kernel"] = CoreKernel(inner(params()), k, check=True).step
+    made["core kernel, no check"] = CoreKernel(inner(params()), k, check=False).step
     if PREVIOUS[0] is not None:
         made["previous core"] = PREVIOUS[0](inner(params()), k=k, alpha=ALPHA).step
     made["foreach"] = Manual(inner(params()), k, "foreach").step
     made["loop"] = Manual(inner(params()), k, "loop").step
     for name, factory in peers.items():
-        made[name] = factory(inner(params())).step
+        made[name] = factory(inner(params()), k, ALPHA).step
     return made
 
 
@@ -347,11 +326,7 @@ def amortized_table(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 4.2))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
@@ -383,7 +358,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--amortized", nargs="*", default=["for-loop", "fused"], choices=["for-loop", "fused"])
     parser.add_argument("--quick", action="store_true", help="two small shapes, 9 rounds, no amortized part")
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for bench_peers.json/.png")
     parser.add_argument(
         "--previous",
         type=Path,
@@ -399,7 +374,7 @@ def main() -> None:
     peers, versions = load_peers(args.peers)
     if args.previous is not None:
         PREVIOUS[0] = load_previous(args.previous)
-    names = ["ours", "ours, no check", *(["previous core"] if args.previous else []), "foreach", "loop", *peers]
+    names = ["ours", "core kernel", "core kernel, no check", *(["previous core"] if args.previous else []), "foreach", "loop", *peers]
     started = time.perf_counter()
     sync_rows = []
     for shape in args.shapes:
@@ -427,12 +402,12 @@ def main() -> None:
     plot(sync_rows, names, args.out / "bench_peers.png")
     if args.no_results_md:
         return
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])
+    command = command_line("benchmarks.bench_peers", sys.argv[1:], prefix="OMP_NUM_THREADS=1")
     peer_versions = ", ".join(f"{n} {v}" for n, v in versions.items()) or "none installed"
     body = [
         *environment_lines("cpu"),
         f"- peers (pip install --no-deps --target, benchmark only): {peer_versions}",
-        (f"- command: `{command.strip()}` ({elapsed:.0f} s); {args.rounds} interleaved rounds; thread CPU time, "
+        (f"- command: `{command}` ({elapsed:.0f} s); {args.rounds} interleaved rounds; thread CPU time, "
         "1 torch thread (the load average above says whether other work shared the machine: thread CPU time "
         "does not remove shared cache and memory bandwidth)."),
         "",
@@ -464,7 +439,7 @@ def main() -> None:
             *nonsync_table(nonsync_rows),
         ]
     body += ["", "![sync cost over the floor](bench_peers.png)"]
-    update_section(HERE / "RESULTS.md", "bench_peers", "\n".join(body))
+    update_section(RESULTS_MD, "bench_peers", "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ It also counts the extra memory: bytes of φ against the parameters and AdamW's 
 On CPU it also times the bookkeeping alone on tiny tensors (fixed and per-tensor µs per step).
 Prints a table, writes ``bench_sync.json`` / ``bench_sync.png`` and the "bench_sync" section of RESULTS.md.
 
-    .venv/bin/python benchmarks/bench_sync.py            # default grid, ~3-10 min on a busy 2-core machine
-    .venv/bin/python benchmarks/bench_sync.py --quick    # small grid, ~30 s
+    .venv/bin/python -m benchmarks.bench_sync            # default grid (several minutes)
+    .venv/bin/python -m benchmarks.bench_sync --quick    # small grid
 """
 
 from __future__ import annotations
@@ -35,73 +35,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from torch import Tensor
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_MD,
+    command_line,
+    environment_lines,
+    pyplot,
+    spread,
+    update_section,
+)
 from lookahead_dist import Lookahead
-from lookahead_dist.core.optim import SLOW_KEY
+from lookahead_dist.core.keys import SLOW_KEY
 
 K = 5
 ALPHA = 0.5
 INNER_KINDS = ("for-loop", "foreach", "fused")
-
-
-def environment_lines(device: str) -> list[str]:
-    """Machine and versions, for RESULTS.md."""
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = [f"torch {torch.__version__}"]
-    for name in ("deepspeed", "lightning"):
-        try:
-            versions.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            versions.append(f"{name} not installed")
-    where = f"{os.cpu_count()} CPU cores ({cpu})"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        where = f"{torch.cuda.get_device_name()} (host: {where})"
-    return [
-        f"- machine: {where}, {platform.system()} {platform.release()}, Python {platform.python_version()}",
-        f"- versions: {', '.join(versions)}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
-        (
-            f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at the end: "
-            f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs shared the machine)"
-        ),
-    ]
-
-
-READING = "<!-- reading -->"
-
-
-def update_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the part of RESULTS.md between the markers for ``name``."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
-    )
-    if begin in text and end in text:
-        # A hand-written reading below "<!-- reading -->" survives a re-run that writes none of its own.
-        old_block = text.split(begin, 1)[1].split(end, 1)[0]
-        if READING in old_block and READING not in body:
-            body = body.rstrip("\n") + "\n\n" + READING + old_block.split(READING, 1)[1].rstrip("\n")
-    block = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def make_params(n_tensors: int, n_params: int, device: str, seed: int) -> list[Tensor]:
@@ -150,10 +98,6 @@ def timed(fn: Callable[[], object], device: str) -> float:
     start = time.thread_time()
     fn()
     return time.thread_time() - start
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def bench_case(n_tensors: int, n_params: int, kind: str, repeats: int, device: str) -> dict:
@@ -327,11 +271,7 @@ def memory_table(cases: list[dict]) -> list[str]:
 
 
 def plot(cases: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     sizes = sorted({c["n_params"] for c in cases})
     kinds = [k for k in INNER_KINDS if any(c["inner"] == k for c in cases)]
@@ -421,7 +361,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tensors 10 100 500, params 1e6, 3 repeats")
-    parser.add_argument("--out", type=Path, default=HERE, help="folder for bench_sync.json/.png")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for bench_sync.json/.png")
     parser.add_argument("--no-results-md", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     if args.quick:
@@ -455,10 +395,10 @@ def main() -> None:
     plot(cases, args.out / "bench_sync.png")
     print(f"\nwrote {args.out / 'bench_sync.json'} and {args.out / 'bench_sync.png'} ({elapsed:.0f} s)")
     if not args.no_results_md:
-        command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sync.py " + " ".join(sys.argv[1:])
+        command = command_line("benchmarks.bench_sync", sys.argv[1:], prefix="OMP_NUM_THREADS=1")
         body = [
             *environment_lines(args.device),
-            f"- command: `{command.strip()}` ({elapsed:.0f} s)",
+            f"- command: `{command}` ({elapsed:.0f} s)",
             (
                 f"- k={K}, alpha={ALPHA}; each cell: median over {args.repeats} repeats [min-max]; a repeat is the "
                 "median over a block of steps; AdamW and Lookahead(AdamW) steps alternate one by one, the three syncs "
@@ -479,7 +419,7 @@ def main() -> None:
             "",
             "![step-time overhead](bench_sync.png)",
         ]
-        update_section(HERE / "RESULTS.md", "bench_sync", "\n".join(body))
+        update_section(RESULTS_MD, "bench_sync", "\n".join(body))
 
 
 if __name__ == "__main__":

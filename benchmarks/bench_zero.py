@@ -1,6 +1,6 @@
 """Lookahead under DeepSpeed ZeRO-1/2/3 on 2 CPU processes (gloo): memory, collectives, step time.
 
-Launches ``benchmarks/dist_zero_worker.py`` once with ``torchrun --nproc_per_node 2``. For each stage the worker
+Launches ``benchmarks.dist_zero_worker`` once with ``torchrun --nproc_per_node 2 -m``. For each stage the worker
 trains a small Transformer-like MLP stack (pre-LayerNorm residual MLP blocks) with plain AdamW and with
 Lookahead(AdamW) installed by ``lookahead_dist.deepspeed.install``, and records per rank:
 
@@ -10,8 +10,8 @@ Lookahead(AdamW) installed by ``lookahead_dist.deepspeed.install``, and records 
   a count and a volume (bytes of the larger of a call's output and input buffers);
 * step time (forward + backward + step), plain and Lookahead blocks alternating, repeated.
 
-    .venv/bin/python benchmarks/bench_zero.py             # ~2-3 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_zero.py --quick     # fewer repeats
+    .venv/bin/python -m benchmarks.bench_zero             # ZeRO-1/2/3, 5 repeats
+    .venv/bin/python -m benchmarks.bench_zero --quick     # fewer repeats
 
 Prints tables, writes ``bench_zero.json`` / ``bench_zero.png`` and the "bench_zero" section of RESULTS.md.
 """
@@ -20,48 +20,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks.common import (
+    BENCH_DIR,
+    RESULTS_MD,
+    command_line,
+    environment_lines,
+    free_port,
+    pyplot,
+    run_workers,
+    spread,
+    torchrun_cmd,
+    update_section,
+    worker_env,
+)
 
-from bench_sync import environment_lines, spread, update_section
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = "benchmarks.dist_zero_worker"
 
 
 def launch(worker_args: list[str], out_prefix: Path, timeout: int) -> list[dict]:
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu"
-    )
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(HERE / "dist_zero_worker.py"),
-        "--out",
-        str(out_prefix),
-        *worker_args,
-    ]
-    print("launching:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"worker failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    """One ``torchrun --nproc_per_node 2 -m benchmarks.dist_zero_worker`` job; each rank's JSON record."""
+    port = free_port()
+    cmd = torchrun_cmd(WORKER, ["--out", str(out_prefix), *worker_args], nproc=2, port=port)
+    run_workers([cmd], worker_env(port), timeout)
     return [json.loads(Path(f"{out_prefix}.rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -184,11 +169,7 @@ def tables(summaries: list[dict]) -> list[str]:
 
 
 def plot(summaries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     names = [s["stage"] for s in summaries]
     xs = range(len(names))
@@ -245,7 +226,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (DeepSpeed bf16 section)")
     parser.add_argument("--quick", action="store_true", help="2 repeats")
     parser.add_argument("--timeout", type=int, default=900)
-    parser.add_argument("--out", type=Path, default=HERE, help="folder for bench_zero.json/.png")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for bench_zero.json/.png")
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -277,10 +258,10 @@ def main() -> None:
     plot(summaries, args.out / "bench_zero.png")
     print(f"\nwrote {args.out / 'bench_zero.json'} and {args.out / 'bench_zero.png'} ({elapsed:.0f} s)")
     if not args.no_results_md:
-        command = ".venv/bin/python benchmarks/bench_zero.py " + " ".join(sys.argv[1:])
+        command = command_line("benchmarks.bench_zero", sys.argv[1:])
         body = [
             *environment_lines("cpu"),
-            f"- command: `{command.strip()}` ({elapsed:.0f} s, including process start-up)",
+            f"- command: `{command}` ({elapsed:.0f} s, including process start-up)",
             (
                 f"- model: {args.layers} pre-LayerNorm residual MLP blocks (d={args.dim}, hidden {4 * args.dim}) + "
                 f"LayerNorm + Linear head, {'bf16' if args.bf16 else 'fp32'}; torch AdamW; Lookahead k={args.k}, "
@@ -291,7 +272,7 @@ def main() -> None:
             "",
             "![ZeRO benchmark](bench_zero.png)",
         ]
-        update_section(HERE / "RESULTS.md", "bench_zero", "\n".join(body))
+        update_section(RESULTS_MD, "bench_zero", "\n".join(body))
 
 
 if __name__ == "__main__":

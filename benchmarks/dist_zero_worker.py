@@ -1,4 +1,5 @@
-"""One rank of benchmarks/bench_zero.py. Launched as ``torchrun --nproc_per_node 2 dist_zero_worker.py --out R.json``.
+"""One rank of ``benchmarks.bench_zero``, launched from the repository root as
+``torchrun --nproc_per_node 2 -m benchmarks.dist_zero_worker --out PREFIX``.
 
 For each ZeRO stage it builds two engines from identical models (plain AdamW, and AdamW with Lookahead installed
 by ``lookahead_dist.deepspeed.install``) and records on this rank:
@@ -17,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 warnings.filterwarnings("ignore")
 
@@ -95,8 +93,8 @@ for module in (tdist, tdist.distributed_c10d):
 import deepspeed
 import deepspeed.comm as dscomm
 
+from lookahead_dist.core.keys import SLOW_KEY
 from lookahead_dist.deepspeed import install
-from lookahead_dist.core.optim import SLOW_KEY
 
 
 class Block(nn.Module):
