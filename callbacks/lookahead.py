@@ -12,7 +12,6 @@ or in a LightningCLI YAML::
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from typing import Any, Literal
 
@@ -32,13 +31,23 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lookahead_dist._versions import check_versions
-from lookahead_dist.core.collectives import all_reduce_sum_
-from lookahead_dist.core.keys import CONFIG_KEY, DEFAULT_PULLBACK_KEYS, EVAL_WEIGHTS
+from lookahead_dist.callback_common import (
+    SyncTally,
+    check_view_options,
+    fast_slow_distance,
+    logged_values,
+    refuse_outer_nodes,
+    settings_from_options,
+    slow_weights,
+)
+from lookahead_dist.core.keys import CONFIG_KEY
 from lookahead_dist.core.optim import Lookahead
-from lookahead_dist.core.settings import LookaheadSettings
+from lookahead_dist.core.settings import LookaheadConfigError, LookaheadSettings
+from lookahead_dist.lightning.private import is_logging_step
 
 __all__ = ["LookaheadCallback"]
 
+WHERE = "LookaheadCallback"
 SUPPORTED = (
     "single device, DDP (ddp, ddp_spawn, ddp_fork, multi-node), DeepSpeed (ZeRO 0-3, incl. CPUDeepSpeedStrategy), "
     "ModelParallelStrategy (FSDP2) and FSDPStrategy (use_orig_params=True, incl. CPUFSDPStrategy)"
@@ -58,12 +67,18 @@ class LookaheadCallback(Callback):
         alpha_fallback: α of ``alpha="adaptive"`` when its estimate is undefined (default ``alpha_bounds[0]``).
         pullback_keys: optimizer-state buffers interpolated by ``pullback="pullback"``.
         nonfinite: ``"skip"`` or ``"raise"``: what a sync does when the fast weights are not finite.
-            These seven are :class:`~lookahead_dist.LookaheadSettings`, checked there.
+            These seven are :class:`~lookahead_dist.LookaheadSettings`, checked there; left out (``None``)
+            they take its defaults (``k=5, alpha=0.5``).
+        settings: a ready :class:`~lookahead_dist.LookaheadSettings` instead of those seven. Its
+            ``outer.scope="nodes"`` is refused (it needs node groups before the engine exists; it works
+            with ``LookaheadDeepSpeedStrategy(outer=...)``).
         optimizer_indices: which of ``configure_optimizers``' optimizers to wrap; ``None`` wraps all.
             DeepSpeed has exactly one optimizer.
         eval_weights: ``"slow"`` runs validation/test/predict on the slow weights φ, ``"fast"`` on θ.
         log_distance: also log ‖θ − φ‖ on logging steps (``Trainer(log_every_n_steps=...)``).
-        log_prefix: prefix of the logged names (``syncs``, ``alpha``, ``distance``).
+        log_prefix: prefix of the logged names (``syncs``, ``alpha``, ``distance``): the names
+            :mod:`lookahead_dist.callback_common` gives both callbacks (``alpha_group{g}`` per param group
+            when the groups' α differ or are adaptive, ``_opt{i}`` per optimizer when several are wrapped).
 
     Strategies: single device, DDP (all launchers, several nodes), DeepSpeed ZeRO 0-3 (the engine's inner
     optimizer is wrapped, so φ is sharded like the fp32 master weights and the sync adds no collective).
@@ -86,70 +101,58 @@ class LookaheadCallback(Callback):
 
     def __init__(
         self,
-        k: int = 5,
-        alpha: float | Literal["adaptive"] = 0.5,
-        pullback: str = "none",
-        alpha_bounds: tuple[float, float] = (0.5, 1.0),
+        k: int | None = None,
+        alpha: float | Literal["adaptive"] | None = None,
+        pullback: str | None = None,
+        alpha_bounds: tuple[float, float] | None = None,
         alpha_fallback: float | None = None,
-        pullback_keys: list[str] = list(DEFAULT_PULLBACK_KEYS),  # noqa: B006 - read once, never mutated
-        nonfinite: str = "skip",
+        pullback_keys: list[str] | None = None,
+        nonfinite: str | None = None,
         optimizer_indices: list[int] | None = None,
         eval_weights: str = "slow",
         log_distance: bool = False,
         log_prefix: str = "lookahead/",
+        *,
+        settings: LookaheadSettings | None = None,
     ) -> None:
         super().__init__()
         check_versions("lightning")
-        #: Every Lookahead option, validated once (the same checks and messages as ``Lookahead`` and
-        #: the DeepSpeed config section).
-        self.settings = LookaheadSettings(
-            k=k,
-            alpha=alpha,
-            pullback=pullback,
-            alpha_bounds=alpha_bounds,
-            alpha_fallback=alpha_fallback,
-            pullback_keys=tuple(pullback_keys) if isinstance(pullback_keys, list) else pullback_keys,
-            nonfinite=nonfinite,
-        )
-        if optimizer_indices is not None:
-            if not isinstance(optimizer_indices, (list, tuple)):
-                raise ValueError(
-                    f"LookaheadCallback: optimizer_indices={optimizer_indices!r} is invalid; give a list of "
-                    f"optimizer positions in configure_optimizers' output, e.g. [0], or None for all."
-                )
-            bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
-            if bad or not optimizer_indices:
-                raise ValueError(
-                    f"LookaheadCallback: optimizer_indices={optimizer_indices!r} is invalid; give a non-empty "
-                    f"list of optimizer positions in configure_optimizers' output, e.g. [0], or None for all."
-                )
-            optimizer_indices = sorted(set(optimizer_indices))
-        self.optimizer_indices = optimizer_indices
-        if eval_weights not in EVAL_WEIGHTS:
-            raise ValueError(
-                f"LookaheadCallback: eval_weights={eval_weights!r} is unknown; use 'slow' (evaluate φ) or "
-                f"'fast' (evaluate θ)."
-            )
+        options = {
+            "k": k,
+            "alpha": alpha,
+            "pullback": pullback,
+            "alpha_bounds": alpha_bounds,
+            "alpha_fallback": alpha_fallback,
+            "pullback_keys": pullback_keys,
+            "nonfinite": nonfinite,
+        }
+        #: Every Lookahead option, validated once (the same checks and messages as ``Lookahead``, the
+        #: DeepSpeed config section and the HF callback).
+        self.settings, _ = settings_from_options(WHERE, options, settings)
+        refuse_outer_nodes(WHERE, self.settings)
+        self.optimizer_indices = _checked_indices(optimizer_indices)
+        check_view_options(WHERE, eval_weights, log_distance, log_prefix)
         self.eval_weights = eval_weights
-        if not isinstance(log_distance, bool):
-            raise ValueError(f"LookaheadCallback: log_distance={log_distance!r} must be True or False.")  # noqa: TRY004
         self.log_distance = log_distance
-        if not isinstance(log_prefix, str):
-            raise ValueError(  # noqa: TRY004 - ValueError like every other bad argument of this callback
-                f"LookaheadCallback: log_prefix={log_prefix!r} must be a string such as 'lookahead/' ('' for none)."
-            )
         self.log_prefix = log_prefix
 
-        #: Slow-weight syncs done (one per wrapped optimizer per sync), persisted in checkpoints.
-        self.syncs_done = 0
+        self._tally = SyncTally()
         #: optimizer index -> installed wrapper (this process).
         self.wrappers: dict[int, Lookahead] = {}
         self._engine: Any = None  # the DeepSpeed engine, when installed there
         self._sharded = False  # FSDP / ModelParallel: each rank steps its own shard
-        self._seen_sync_counts: dict[int, int] = {}
         self._eval_stack: ExitStack | None = None
         #: (module, name -> φ, ZeRO-3) read by on_load_checkpoint outside fit, for evaluation.
         self._restored_slow: tuple[pl.LightningModule, dict[str, torch.Tensor], bool] | None = None
+
+    @property
+    def syncs_done(self) -> int:
+        """Slow-weight syncs done (one per wrapped optimizer per sync), persisted in checkpoints."""
+        return self._tally.done
+
+    @syncs_done.setter
+    def syncs_done(self, value: int) -> None:
+        self._tally.done = int(value)
 
     k = property(lambda self: self.settings.k)
     alpha = property(lambda self: self.settings.alpha)
@@ -195,7 +198,7 @@ class LookaheadCallback(Callback):
         else:
             self._sharded = isinstance(strategy, _SHARDED)
             self._install_plain(trainer)
-        self._seen_sync_counts = {i: w.sync_count for i, w in self.wrappers.items()}
+        self._tally.start(self.wrappers)
 
     def _install_deepspeed(self, strategy: DeepSpeedStrategy) -> None:
         from lookahead_dist.deepspeed import find_lookahead, install
@@ -267,13 +270,7 @@ class LookaheadCallback(Callback):
             )
             return
         stack = ExitStack()
-        if self._engine is not None:
-            from lookahead_dist.deepspeed import use_slow_weights
-
-            stack.enter_context(use_slow_weights(self._engine))
-        else:
-            for wrapper in self.wrappers.values():
-                stack.enter_context(wrapper.use_slow_weights())
+        stack.enter_context(slow_weights(self._engine, self.wrappers.values()))
         self._eval_stack = stack
 
     def _exit_eval(self) -> None:
@@ -338,55 +335,22 @@ class LookaheadCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for i, wrapper in self.wrappers.items():
-            if wrapper.sync_count != self._seen_sync_counts.get(i, 0):
-                self.syncs_done += 1
-                self._seen_sync_counts[i] = wrapper.sync_count
+        self._tally.update(self.wrappers)
         if not trainer.loggers:
             return
-        log = self._logger(pl_module)
-        log("syncs", float(self.syncs_done))
-        several = len(self.wrappers) > 1
-        for i, wrapper in self.wrappers.items():
-            opt_suffix = f"_opt{i}" if several else ""
-            for gi, alpha in sorted(wrapper.last_alpha.items()):
-                group_suffix = f"_group{gi}" if len(wrapper.param_groups) > 1 or gi > 0 else ""
-                log(f"alpha{opt_suffix}{group_suffix}", float(alpha))
-        if self.log_distance and self._is_logging_step(trainer):
-            for i, distance in self._distances().items():
-                log(f"distance_opt{i}" if several else "distance", distance)
-
-    @staticmethod
-    def _is_logging_step(trainer: pl.Trainer) -> bool:
-        # Private, because Lightning has no public view of its own "log on this step" rule
-        # (log_every_n_steps lives only in the logger connector); the distance costs a reduction.
-        return bool(trainer._logger_connector.should_update_logs)
-
-    def _logger(self, pl_module: pl.LightningModule) -> Any:
-        def log(name: str, value: float) -> None:
-            pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False, batch_size=1)
-
-        return log
+        distances = self._distances() if self.log_distance and is_logging_step(trainer) else None
+        for name, value in logged_values(self.log_prefix, self.syncs_done, self.wrappers, distances).items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
     def _distances(self) -> dict[int, float]:
-        """‖θ − φ‖ per wrapped optimizer; under ZeRO/FSDP the local shard sums are all_reduced (one scalar each)."""
-        out = {}
-        for i, wrapper in self.wrappers.items():
-            if self._sharded:
-                from lookahead_dist.fsdp import fast_slow_distance
+        """‖θ − φ‖ per wrapped optimizer; shards (ZeRO, FSDP) add one scalar all_reduce each."""
+        if self._engine is not None:
+            from lookahead_dist.deepspeed.holders import data_parallel_group, holder_for
 
-                out[i] = fast_slow_distance(wrapper)  # local shard sum, one scalar all_reduce
-                continue
-            if self._engine is None:
-                # DDP replicas hold the same θ and φ: the local sum is already the total.
-                out[i] = math.sqrt(float(wrapper.fast_slow_distance_sq()))
-                continue
-            from lookahead_dist.deepspeed.holders import data_parallel_group
-
-            # ZeRO shards over the data-parallel group, which is not the world under model parallelism.
-            partial = all_reduce_sum_(wrapper.fast_slow_distance_sq(), data_parallel_group(self._engine))
-            out[i] = math.sqrt(max(float(partial), 0.0))
-        return out
+            sharded, group = holder_for(self._engine).sharded, data_parallel_group(self._engine)
+        else:  # FSDP / ModelParallel shard over the world; DDP replicas hold all of θ and φ
+            sharded, group = self._sharded, None
+        return {i: fast_slow_distance(w, sharded, group) for i, w in self.wrappers.items()}
 
     # ------------------------------------------------------------------ checkpoint (rank-independent state)
     @override
@@ -406,46 +370,43 @@ class LookaheadCallback(Callback):
 
 
 # ---------------------------------------------------------------------- slow weights of a saved checkpoint
+def _checked_indices(optimizer_indices: Any) -> list[int] | None:
+    if optimizer_indices is None:
+        return None
+    if not isinstance(optimizer_indices, (list, tuple)):
+        raise LookaheadConfigError(
+            f"{WHERE}: optimizer_indices={optimizer_indices!r} is invalid; give a list of optimizer positions in "
+            f"configure_optimizers' output, e.g. [0], or None for all."
+        )
+    bad = [i for i in optimizer_indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad or not optimizer_indices:
+        raise LookaheadConfigError(
+            f"{WHERE}: optimizer_indices={optimizer_indices!r} is invalid; give a non-empty list of optimizer "
+            f"positions in configure_optimizers' output, e.g. [0], or None for all."
+        )
+    return sorted(set(optimizer_indices))
+
+
 def _slow_from_lightning(
     checkpoint: dict[str, Any], pl_module: pl.LightningModule, indices: list[int] | None
 ) -> dict[str, torch.Tensor] | str:
     """Module parameter name -> φ from a Lightning checkpoint dict, or why there is none.
 
-    An optimizer state numbers its tensors in param-group order; LightningCLI's and the usual
-    ``configure_optimizers`` pass ``self.parameters()``, i.e. the parameters in definition order.
-    The match is checked by count and shape and refused (with the reason) when it does not hold.
+    The optimizer's parameters are matched to the module's parameters (definition order, what
+    ``self.parameters()`` gives ``configure_optimizers``) by the one rule of
+    :func:`lookahead_dist.lightning.checkpoint.slow_by_name`, which the ``slow-weights`` tool uses too.
     """
-    from lookahead_dist.core.keys import SLOW_KEY
+    from lookahead_dist.lightning.checkpoint import slow_by_name
 
     states = checkpoint.get("optimizer_states") or []
-    if not states:
-        return "the checkpoint holds no optimizer state (saved with save_weights_only?), so no slow weights"
     chosen = indices if indices is not None else list(range(len(states)))
-    if len(chosen) != 1 or chosen[0] >= len(states):
+    if states and (len(chosen) != 1 or chosen[0] >= len(states)):
         return f"slow weights are read for exactly one optimizer; the checkpoint has {len(states)}"
-    osd = states[chosen[0]]
-    order = [index for group in osd["param_groups"] for index in group["params"]]
-    # ``self.parameters()`` includes frozen parameters (never stepped, so without state); some
-    # ``configure_optimizers`` pass only the trainable ones: accept either when the count says which.
-    named = list(pl_module.named_parameters())
-    if len(order) != len(named):
-        named = [(name, p) for name, p in named if p.requires_grad]
-    if len(order) != len(named):
-        return (
-            f"the optimizer state has {len(order)} parameters, the module {len(list(pl_module.parameters()))} "
-            f"({len(named)} trainable), so the slow weights cannot be matched to parameters"
-        )
-    slow: dict[str, torch.Tensor] = {}
-    for index, (name, param) in zip(order, named):
-        phi = osd["state"].get(index, {}).get(SLOW_KEY)
-        if phi is None:
-            continue  # never stepped: φ equals θ
-        if tuple(phi.shape) != tuple(param.shape):
-            return f"slow weight {index} has shape {tuple(phi.shape)} but parameter {name!r} {tuple(param.shape)}"
-        slow[name] = phi
-    if not slow:
-        return "the checkpoint's optimizer state holds no slow weights (saved without LookaheadCallback?)"
-    return slow
+    candidates = [(name, tuple(p.shape)) for name, p in pl_module.named_parameters()]
+    try:
+        return slow_by_name(checkpoint, candidates, optimizer_index=chosen[0] if states else 0)
+    except ValueError as err:
+        return str(err)
 
 
 def _slow_from_deepspeed(ckpt_path: Any, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | str:

@@ -231,7 +231,8 @@ def test_logs_syncs_alpha_and_distance_on_logging_steps_only(monkeypatch: pytest
     assert last["lookahead/distance"] == pytest.approx(distance, rel=1e-4)
     assert last["lookahead/syncs"] == steps // k
     assert last["lookahead/alpha"] == 0.5
-    assert "lookahead/alpha" not in logger.metrics[2]  # no sync yet at step 3
+    # No sync yet at step 3: a fixed α is logged as set, like the HF callback (one naming rule for both).
+    assert logger.metrics[2]["lookahead/alpha"] == 0.5 and logger.metrics[2]["lookahead/syncs"] == 0
 
 
 # ---------------------------------------------------------------------------------------- LightningCLI
@@ -340,3 +341,31 @@ def test_cpu_deepspeed_strategy_registry_and_config_names() -> None:
     with pytest.raises(FileNotFoundError, match="no_such_config"):
         CPUDeepSpeedStrategy(config="no_such_config")
     assert CONFIG_DIR == ROOT / "configs"
+
+
+# ---------------------------------------------------------------------------------------- one layer for both callbacks
+def test_settings_keyword_and_outer_nodes_refused_with_where_it_works() -> None:
+    from lookahead_dist.core.settings import LookaheadConfigError, LookaheadSettings
+
+    callback = LookaheadCallback(settings=LookaheadSettings(k=3, alpha=0.25))
+    assert (callback.k, callback.alpha) == (3, 0.25)
+    with pytest.raises(TypeError, match=r"LookaheadCallback: pass either settings=\.\.\. or the options \['k'\]"):
+        LookaheadCallback(k=3, settings=LookaheadSettings())
+    nodes = LookaheadSettings(outer={"scope": "nodes", "momentum": 0.9})  # type: ignore[arg-type]
+    with pytest.raises(LookaheadConfigError, match=r"outer.scope='nodes'.*LookaheadDeepSpeedStrategy\(outer=\.\.\.\)"):
+        LookaheadCallback(settings=nodes)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"eval_weights": "ema"}, {"log_distance": "yes"}, {"log_prefix": None}, {"k": 0}, {"alpha": 2.0}]
+)
+def test_both_callbacks_give_the_same_error_for_the_same_bad_value(kwargs: dict[str, Any]) -> None:
+    pytest.importorskip("transformers")
+    from lookahead_dist.transformers import LookaheadTrainerCallback
+
+    errors = []
+    for make in (LookaheadCallback, LookaheadTrainerCallback):
+        with pytest.raises(ValueError) as info:
+            make(**kwargs)
+        errors.append((type(info.value), str(info.value).replace(make.__name__, "<callback>")))
+    assert errors[0] == errors[1]
