@@ -28,7 +28,7 @@ for var in ("HF_HOME", "HF_DATASETS_CACHE", "LOOKAHEAD_CACHE_DIR"):
 
 import torch
 
-from examples.common.fake_hub import make_wikitext, make_wmt16
+from tests.fake_hub import make_wikitext, make_wmt16
 from examples.common.paths import data_dir
 from examples.common.runs import read_metrics
 

@@ -1,5 +1,7 @@
 """Local stand-ins for Hub datasets, laid out like the Hub repositories, for tests with no network.
 
+A test fixture (``tests/dist/ex_cases.py`` writes them into its work folder), not part of the examples.
+
 ``datasets.load_dataset("wikitext", "wikitext-103-raw-v1")`` resolves a local folder named ``wikitext`` in the
 working directory before it asks the Hub, so a folder with the Hub's layout (a README declaring the configs,
 parquet files per split) runs the examples' real Hub-name code path offline.
