@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from examples.common.tokenizer import SPECIAL_TOKENS
@@ -260,11 +260,18 @@ class TranslationModule(L.LightningModule):
             ]
         rank_zero_info("\n".join(lines))
 
+    def _attached_strategy(self) -> Strategy | None:
+        """The Trainer's strategy, or None when this module is used on its own (no Trainer attached)."""
+        try:
+            return self.trainer.strategy
+        except RuntimeError:  # Lightning's "not attached to a `Trainer`"
+            return None
+
     @torch.no_grad()
     def translate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int = 1
     ) -> torch.Tensor:
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = self._attached_strategy()
         # Under ZeRO-3 every process must run the same number of forward passes (each gathers the weights).
         synced = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3 and strategy.world_size > 1
         # Translations are rarely much longer than their source: a bound keeps a looping output cheap.
