@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m examples.lm.demo",
         description="The demo behind `make demo`: AdamW vs Lookahead(AdamW) at a low and a high learning rate, "
-        "same seed and data, 2-process DeepSpeed ZeRO-2 on CPU (about 10 minutes on 2 cores).",
+        "same seed and data, 2-process DeepSpeed ZeRO-2 on CPU (minutes; README.md gives the measured time).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
