@@ -13,6 +13,9 @@ fp32 has a 24-bit significand: one rounding moves a value ``x`` by at most ``u·
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import torch
 
 EPS32 = torch.finfo(torch.float32).eps  # 2⁻²³ ≈ 1.19e-7: the spacing of fp32 values in [1, 2)
@@ -58,3 +61,21 @@ def clipped_ramp_tol(rel_err: float, low: float, high: float, z_start: float, z_
     """
     z_max = max(abs(z_start), abs(z_start + z_span))
     return (high - low) / z_span * rel_err * z_max
+
+
+def scale_of_h(params: Iterable[torch.Tensor], state: Mapping[torch.Tensor, Any]) -> tuple[float, float, int]:
+    """(Σ(|d| + |d_prev|), Σ|d·d_prev|, terms) over the tensors with a previous displacement: the scale of
+    the adaptive rule's sum h = Σ d·d_prev for :func:`perturbed_dot_tol`, read from one process's state."""
+    from lookahead_dist.core.keys import PREV_KEY, SLOW_KEY
+
+    abs_sum, abs_products, terms = 0.0, 0.0, 0
+    for p in params:
+        prev = state[p].get(PREV_KEY)
+        if not isinstance(prev, torch.Tensor):
+            continue
+        d = (state[p][SLOW_KEY].double() - p.detach().double()).flatten()
+        d_prev = prev.double().flatten()
+        abs_sum += float(d.abs().sum() + d_prev.abs().sum())
+        abs_products += float((d * d_prev).abs().sum())
+        terms += d.numel()
+    return abs_sum, abs_products, terms

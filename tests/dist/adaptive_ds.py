@@ -39,27 +39,13 @@ COMM.install(tdist)
 
 from lookahead_dist import Lookahead
 from lookahead_dist.core import adaptive
-from lookahead_dist.core.keys import PREV_KEY, SLOW_KEY
+from tests.tolerances import scale_of_h
 
 # Per sync and group: (group lr, α applied, global h = Σ d·d_prev − carry, this rank's partial h before the
 # reduce, Σ(|d| + |d_prev|), Σ|d·d_prev| and the number of terms over the elements with history). The last
 # three are the scale of h's rounding (tests/tolerances.py), taken from the single-process reference only.
 ALPHA_LOG: list[tuple[float, float, float, float, float, float, int]] = []
 _original_adaptive_alpha = adaptive.adaptive_alpha
-
-
-def _scale_of_h(params, state) -> tuple[float, float, int]:
-    abs_sum, abs_products, terms = 0.0, 0.0, 0
-    for p in params:
-        prev = state[p].get(PREV_KEY)
-        if not isinstance(prev, torch.Tensor):
-            continue
-        d = (state[p][SLOW_KEY].double() - p.detach().double()).flatten()
-        d_prev = prev.double().flatten()
-        abs_sum += float(d.abs().sum() + d_prev.abs().sum())
-        abs_products += float((d * d_prev).abs().sum())
-        terms += d.numel()
-    return abs_sum, abs_products, terms
 
 
 def _recording_adaptive_alpha(params, state, group, *, reduce_fn=None, **kwargs):
@@ -69,7 +55,7 @@ def _recording_adaptive_alpha(params, state, group, *, reduce_fn=None, **kwargs)
     sums: list[torch.Tensor] = []
     if reduce_fn is None:
         sums += [adaptive.line_sums(params, state, group)] * 2
-        scale = _scale_of_h(params, state)
+        scale = scale_of_h(params, state)
         recording_reduce = None
     else:
         scale = (0.0, 0.0, 0)
