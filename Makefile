@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-kernels test-fast demo bench lint clean
 
 venv: $(STAMP)
 
@@ -31,9 +31,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder; [b.load(verbose=False) for b in (CPUAdamBuilder(), ShareMemCommBuilder())]"
 	touch $(STAMP)
 
-# Lint is part of the test command: ruff and mypy on the package, then the whole suite.
+# Lint is part of the test command: ruff and mypy on the package, then the whole suite, then the numerically
+# sensitive tests again under other CPU kernel paths and thread counts (how fp32 rounds differs between them;
+# a test that compares two computations bit for bit, or to a tolerance below their rounding, fails there).
+NUMERIC_TESTS ?= tests/test_optim.py tests/test_adaptive.py tests/test_adaptive_dist.py
+KERNEL_PATHS  ?= default avx2
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) --no-print-directory test-kernels
+
+test-kernels: $(STAMP)
+	@set -e; for cap in $(KERNEL_PATHS); do for threads in 1 2; do \
+	  export ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads; \
+	  $(BIN)/python -c "import torch; print('== asked', '$$cap', '- running with CPU kernels', torch.backends.cpu.get_cpu_capability(), 'on', torch.get_num_threads(), 'thread(s)')"; \
+	  $(BIN)/python -m pytest -q --disable-warnings -p no:cacheprovider $(NUMERIC_TESTS); \
+	done; done
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not dist and not slow"

@@ -32,6 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(values)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    # The CPU kernel path and thread count decide how fp32 results round (see tests/tolerances.py); the
+    # Makefile reruns the numerically sensitive tests under other ones, and this line says which ran.
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"torch {torch.__version__}, CPU kernels {capability}, {torch.get_num_threads()} thread(s)"
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     for name, value in config.stash.get(_SAVED_ENV, {}).items():
         if value is None:

@@ -21,6 +21,7 @@ from lookahead_dist.core.adaptive import (
 from lookahead_dist.core.keys import SLOW_KEY
 from lookahead_dist.deepspeed.holders import check_zero3_sub_groups
 from tests.paper_alpha import CURVATURE_KEY, quadratic_alpha, quadratic_alpha_from_sums
+from tests.tolerances import EPS32, clipped_ramp_tol
 
 
 @pytest.fixture
@@ -498,13 +499,20 @@ def test_reduce_fn_sums_make_alpha_global():
     for th in threads:
         th.join(timeout=60)
     assert whole.sync_count == 10 and len(set(whole_alphas[1::2])) > 2
-    assert alphas[0] == pytest.approx(whole_alphas, rel=1e-6)
-    assert alphas[1] == pytest.approx(whole_alphas, rel=1e-6)
-    assert torch.allclose(torch.cat([s.detach() for s in shards]), full.detach(), rtol=1e-6, atol=1e-7)
+    # Shards and the whole tensor are the same arithmetic per element in another layout (4 + 6 elements
+    # against 10: vector body or scalar tail, FMA or not), so they agree to rounding: Adam rounds ≤ 4 times
+    # per element and step on each side, over 20 steps. The displacements d = φ − θ of a cycle (two Adam steps
+    # of lr 0.3) are not small next to θ here, so h, the moments and z carry ≲ 4× that relative error.
+    rel_w = len(grads) * 4 * EPS32
+    tol_alpha = clipped_ramp_tol(4 * rel_w, *bounds, adaptive.Z_START, adaptive.Z_SPAN)
+    assert alphas[0] == pytest.approx(whole_alphas, abs=tol_alpha)
+    assert alphas[1] == pytest.approx(whole_alphas, abs=tol_alpha)
+    weights = torch.cat([s.detach() for s in shards])
+    torch.testing.assert_close(weights, full.detach(), rtol=rel_w, atol=rel_w * float(full.detach().abs().max()))
     # The statistics are global: each shard holds the whole tensor's.
     for rank in range(2):
         st, ref = opts[rank].state[shards[rank]], whole.state[full]
-        assert [st[key] for key in STAT_KEYS] == pytest.approx([ref[key] for key in STAT_KEYS], rel=1e-6)
+        assert [st[key] for key in STAT_KEYS] == pytest.approx([ref[key] for key in STAT_KEYS], rel=4 * rel_w)
 
 
 def test_zero3_sub_group_check():

@@ -17,8 +17,13 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from lookahead_dist.core.optim import COUNT_KEY, SLOW_KEY, Lookahead, slow_key_for
 from tests.reference import ReferenceLookahead, max_abs_diff
+from tests.tolerances import WEIGHT_TOL, elementwise_tol
 
-TOL = 1e-6
+# Ours against the reference loop: two different computations, equal to fp32 rounding (derived in
+# tests/tolerances.py). Bit-exact checks below are kept only where the same computation is replayed
+# (resume, deepcopy, a state round trip, a restore after use_slow_weights) or a value is copied (φ₀ = θ₀,
+# θ = φ right after a sync, a kept φ).
+TOL = WEIGHT_TOL
 
 
 class Net(nn.Module):
@@ -796,14 +801,18 @@ def test_nonfinite_theta_at_a_sync_keeps_phi_and_resets_theta() -> None:
             ref.step()
             assert max_abs_diff(model.parameters(), ref_model.parameters()) <= TOL
             continue
-        phi_before = ref.slow[ref_model.body.weight].clone()  # the reference's φ after the 2nd sync
+        # This optimizer's own φ after the 2nd sync (kept bit for bit: the same tensor, untouched), and the
+        # reference's (another computation of it: equal to rounding).
+        phi_before = opt.state[model.body.weight][SLOW_KEY].clone()
+        ref_phi_before = ref.slow[ref_model.body.weight].clone()
         with pytest.warns(RuntimeWarning, match=rf"step {3 * k} .*param group 0 tensor 1 \(shape \(8, 4\)\)"):
             opt.step()
         backward(ref_model, batch)
         ref.step()
     w = model.body.weight
     assert torch.equal(opt.state[w][SLOW_KEY], phi_before)  # φ kept
-    assert torch.equal(w.detach(), phi_before)  # θ reset to φ
+    assert torch.equal(w.detach(), phi_before)  # θ reset to φ (a copy of it)
+    assert max_abs_diff([phi_before], [ref_phi_before]) <= TOL
     assert opt.state[w][COUNT_KEY] == 0 and opt.sync_count == 3
     # Every other tensor synced as in the reference.
     for p, q in [(model.body.bias, ref_model.body.bias), (model.head.weight, ref_model.head.weight)]:
@@ -833,8 +842,11 @@ def test_nonfinite_block_of_a_large_tensor_is_kept_and_the_rest_syncs() -> None:
         ref.step()
     phi = opt.state[x][SLOW_KEY]
     # The poisoned block: φ is still φ₀ = θ₀ there; the other blocks synced as in the reference.
-    assert torch.equal(phi[:CHUNK], theta0[:CHUNK])
-    torch.testing.assert_close(phi[CHUNK:], ref.slow[ref_x][CHUNK:], rtol=0, atol=1e-6)
+    assert torch.equal(phi[:CHUNK], theta0[:CHUNK])  # φ₀ is a copy of θ₀, and that block never synced
+    # Values up to |x| ≈ 5: two kernels rounding ≤ 3 times each per element (the SGD step, then our lerp
+    # against the reference's φ + α(θ − φ)), not a fixed 1e-6 (2 ulp there).
+    ref_phi = ref.slow[ref_x][CHUNK:]
+    torch.testing.assert_close(phi[CHUNK:], ref_phi, rtol=0, atol=elementwise_tol(ref_phi, roundings=3))
     assert not torch.equal(phi[CHUNK:], theta0[CHUNK:])
     assert torch.equal(x.detach(), phi)  # θ reset to φ everywhere
 
@@ -880,8 +892,11 @@ def test_nonfinite_with_adaptive_alpha_is_not_blended_in() -> None:
             opt.step()
         alone.step()
     assert torch.equal(opt.state[a][SLOW_KEY], torch.ones(4)) and torch.equal(a.detach(), torch.ones(4))
-    assert opt.last_alpha[0] == alone.last_alpha[0]
-    assert torch.equal(opt.state[b][SLOW_KEY], alone.state[b_alone][SLOW_KEY])
+    # b alone and b beside a are the same arithmetic but another layout (b's elements sit at other offsets of
+    # the flat and foreach kernels: vector body or scalar tail), so they agree to rounding, not to the bit.
+    phi_b = opt.state[b][SLOW_KEY]
+    assert opt.last_alpha[0] == alone.last_alpha[0]  # the first sync: both the fallback α, no arithmetic
+    torch.testing.assert_close(phi_b, alone.state[b_alone][SLOW_KEY], rtol=0, atol=elementwise_tol(phi_b, 4))
 
 
 # ---------------------------------------------------------------------------------- issue #10: what counts

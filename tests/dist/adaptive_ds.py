@@ -7,7 +7,8 @@ For each stage, three engines train the same steps: no Lookahead, fixed α, adap
 torch.distributed collective is logged per step (name, element count). Results (rank 0 writes JSON):
 
 * ``alphas``: the α of every (sync, param group) on each rank under ZeRO, and ``ref_alphas`` from a
-  single-process ``Lookahead(alpha="adaptive")`` on the full global batches in this process;
+  single-process ``Lookahead(alpha="adaptive")`` on the full global batches in this process, each with the
+  scale of its sum's rounding; ``weights_vs_ref``: max |θ_ZeRO − θ_reference| after the last step;
 * ``extra_fixed`` / ``extra_adaptive``: per step, collectives of the fixed / adaptive run minus those of the
   run without Lookahead (as multisets), and the reverse (``missing_*``);
 * ``subgroup_error``: the message of ``check_zero3_sub_groups`` on a ZeRO-3 engine whose sub_group_size
@@ -38,26 +39,34 @@ COMM.install(tdist)
 
 from lookahead_dist import Lookahead
 from lookahead_dist.core import adaptive
+from tests.tolerances import scale_of_h
 
-ALPHA_LOG: list[tuple[float, float, float]] = []  # (group lr, α applied, global h = Σ d·d_prev − carry) per sync
+# Per sync and group: (group lr, α applied, global h = Σ d·d_prev − carry, this rank's partial h before the
+# reduce, Σ(|d| + |d_prev|), Σ|d·d_prev| and the number of terms over the elements with history). The last
+# three are the scale of h's rounding (tests/tolerances.py), taken from the single-process reference only.
+ALPHA_LOG: list[tuple[float, float, float, float, float, float, int]] = []
 _original_adaptive_alpha = adaptive.adaptive_alpha
 
 
 def _recording_adaptive_alpha(params, state, group, *, reduce_fn=None, **kwargs):
-    # Records the global sums without adding a collective: they are read after the reduce_fn the
+    # Records the sums without adding a collective: the global ones are read after the reduce_fn the
     # engine passed (or computed locally when there is none, as in the single-process reference).
+    params = list(params)
     sums: list[torch.Tensor] = []
     if reduce_fn is None:
-        sums.append(adaptive.line_sums(params, state, group))
+        sums += [adaptive.line_sums(params, state, group)] * 2
+        scale = scale_of_h(params, state)
         recording_reduce = None
     else:
+        scale = (0.0, 0.0, 0)
 
         def recording_reduce(t: torch.Tensor) -> None:
+            partial = t.clone()
             reduce_fn(t)
-            sums.append(t.clone())
+            sums.extend([t.clone(), partial])
 
     alpha = _original_adaptive_alpha(params, state, group, reduce_fn=recording_reduce, **kwargs)
-    ALPHA_LOG.append((float(group["lr"]), alpha, float(sums[0][0])))
+    ALPHA_LOG.append((float(group["lr"]), alpha, float(sums[0][0]), float(sums[1][0]), *scale))
     return alpha
 
 
@@ -95,7 +104,8 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 5, generator=gen), torch.randn(GLOBAL_BATCH, 3, generator=gen)
 
 
-def reference_alphas() -> list[tuple[float, float, float]]:
+def reference_run() -> tuple[list, dict[str, list[float]]]:
+    """The α log of one process on the full global batches, and its final weights (the last step syncs: θ = φ)."""
     model = make_model()
     opt = Lookahead(make_inner(model), k=K, alpha="adaptive", alpha_bounds=BOUNDS)
     start = len(ALPHA_LOG)
@@ -106,7 +116,7 @@ def reference_alphas() -> list[tuple[float, float, float]]:
         opt.step()
     out = ALPHA_LOG[start:]
     del ALPHA_LOG[start:]
-    return out
+    return out, {n: p.detach().flatten().tolist() for n, p in model.named_parameters()}
 
 
 def ds_config(stage: int, lookahead: dict | None, world: int, sub_group_size: int | None = None) -> dict:
@@ -127,7 +137,9 @@ def ds_config(stage: int, lookahead: dict | None, world: int, sub_group_size: in
     return config
 
 
-def train(stage: int, lookahead: dict | None, rank: int, world: int) -> tuple[list[Counter], list]:
+def train(stage: int, lookahead: dict | None, rank: int, world: int) -> tuple[list[Counter], list, dict]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
     from lookahead_dist.deepspeed import initialize
 
     model = make_model()
@@ -145,8 +157,10 @@ def train(stage: int, lookahead: dict | None, rank: int, world: int) -> tuple[li
         per_step.append(Counter(calls))
     alphas = ALPHA_LOG[start:]
     del ALPHA_LOG[start:]
+    # After the counted steps: gathering the fp32 masters is a collective of its own (under ZeRO-3).
+    masters = {n: safe_get_full_fp32_param(p).flatten().tolist() for n, p in engine.module.named_parameters()}
     engine.destroy()
-    return per_step, alphas
+    return per_step, alphas, masters
 
 
 def diff(a: list[Counter], b: list[Counter]) -> list[list]:
@@ -154,15 +168,17 @@ def diff(a: list[Counter], b: list[Counter]) -> list[list]:
 
 
 def run_stage(stage: int, rank: int, world: int) -> dict:
-    bare, _ = train(stage, None, rank, world)
-    fixed, _ = train(stage, {"k": K, "alpha": 0.5}, rank, world)
+    bare, _, _ = train(stage, None, rank, world)
+    fixed, _, _ = train(stage, {"k": K, "alpha": 0.5}, rank, world)
     adaptive_cfg = {"k": K, "alpha": "adaptive", "alpha_bounds": list(BOUNDS)}
-    adapt, alphas = train(stage, adaptive_cfg, rank, world)
+    adapt, alphas, masters = train(stage, adaptive_cfg, rank, world)
     gathered: list = [None] * world
     tdist.all_gather_object(gathered, alphas)
+    ref_alphas, ref_weights = reference_run()
     return {
         "alphas": gathered,
-        "ref_alphas": reference_alphas(),
+        "ref_alphas": ref_alphas,
+        "weights_vs_ref": max(max(abs(a - b) for a, b in zip(masters[n], w)) for n, w in ref_weights.items()),
         "extra_fixed": diff(fixed, bare),
         "missing_fixed": diff(bare, fixed),
         "extra_adaptive": diff(adapt, bare),

@@ -259,11 +259,12 @@ def case_adaptive() -> dict[str, Any]:
     from lookahead_dist import Lookahead
     from lookahead_dist.core import adaptive
     from tests.dist.fsdp_common import global_batch
+    from tests.tolerances import scale_of_h
 
     # α is clipped to its bounds on most syncs of so short a run, so the sums it is computed from are
     # compared too: recorded where the rule receives them (after the reduce_fn, if any).
     sums: list[tuple[float, float, float]] = []
-    original = adaptive.alpha_from_sums
+    original, original_alpha = adaptive.alpha_from_sums, adaptive.adaptive_alpha
 
     def recording(h, with_history, dd, *args, **kwargs):  # type: ignore[no-untyped-def]
         sums.append((h, with_history, dd))
@@ -280,6 +281,14 @@ def case_adaptive() -> dict[str, Any]:
         sums.clear()
         ref_net = make_net()
         ref = Lookahead(make_inner(ref_net.parameters(), "adamw"), k=K, alpha="adaptive")
+        scales = []  # the scale of each reference sum's rounding (tests/tolerances.py)
+
+        def scaled(params, state, group, **kwargs):  # type: ignore[no-untyped-def]
+            params = list(params)
+            scales.append(scale_of_h(params, state))
+            return original_alpha(params, state, group, **kwargs)
+
+        adaptive.adaptive_alpha = scaled
         for step in range(STEPS):
             ref.zero_grad()
             x, y = global_batch(step, PER_RANK * world)
@@ -287,6 +296,7 @@ def case_adaptive() -> dict[str, Any]:
             ref.step()
     finally:
         adaptive.alpha_from_sums = original
+        adaptive.adaptive_alpha = original_alpha
     params = list(ref_net.parameters())
     return {
         "theta": max_abs_diff(theta, [p.detach() for p in params]),
@@ -294,6 +304,7 @@ def case_adaptive() -> dict[str, Any]:
         "alpha": abs(alphas[0] - ref.last_alpha[0]),
         "sums": gather_per_rank(sharded_sums),
         "ref_sums": list(sums),
+        "ref_scales": scales,
         "in_step": gather_per_rank(logs["in_step"]),
     }
 
