@@ -143,35 +143,8 @@ def install(
     ``deepspeed.initialize`` and before training or ``engine.load_checkpoint``.
     """
     check_versions("deepspeed")
-    if settings is None:
-        unknown = sorted(set(options) - set(LookaheadSettings.names()))
-        if unknown:
-            raise TypeError(
-                f"lookahead_dist.deepspeed.install: unknown option(s) {unknown}; the options are "
-                f"{', '.join(LookaheadSettings.names())} (reduce_fn is set by install itself)."
-            )
-        settings = LookaheadSettings(k=k, alpha=alpha, pullback=pullback, **options)
-    elif options or (k, alpha, pullback) != (5, 0.5, "none"):
-        raise TypeError("lookahead_dist.deepspeed.install: pass either settings=... or keyword options, not both.")
-    if engine is None or not hasattr(engine, "optimizer"):
-        raise TypeError(
-            f"lookahead_dist.deepspeed.install: expected a DeepSpeed engine (the first value returned by "
-            f"deepspeed.initialize), got {type(engine).__name__}."
-        )
-    if find_lookahead(engine) is not None:
-        raise RuntimeError(
-            "lookahead_dist.deepspeed.install: this engine already has a Lookahead; change its settings via "
-            "find_lookahead(engine).settings instead of installing twice."
-        )
-    if getattr(engine, "loaded_checkpoint_dp_world_size", None) is not None:
-        # Set by DeepSpeed at every completed engine.load_checkpoint. The loaded optimizer state then
-        # lacks what only an installed Lookahead restores (universal checkpoints: the cycle position),
-        # and it was loaded without the checks Lookahead.load_state_dict runs.
-        raise RuntimeError(
-            "lookahead_dist.deepspeed.install: this engine has already loaded a checkpoint; install "
-            "Lookahead first, then call engine.load_checkpoint (or lookahead_dist.deepspeed.initialize with "
-            'a "lookahead" config section, which installs before you load).'
-        )
+    settings = _install_settings(k, alpha, pullback, settings, options)
+    _check_installable(engine)
     refuse_unsupported(engine)
     holder = holder_for(engine)
     adaptive_groups = [
@@ -203,11 +176,53 @@ def install(
     return lookahead
 
 
+def _install_settings(
+    k: int, alpha: AlphaSpec, pullback: str, settings: LookaheadSettings | None, options: dict[str, Any]
+) -> LookaheadSettings:
+    if settings is None:
+        unknown = sorted(set(options) - set(LookaheadSettings.names()))
+        if unknown:
+            raise TypeError(
+                f"lookahead_dist.deepspeed.install: unknown option(s) {unknown}; the options are "
+                f"{', '.join(LookaheadSettings.names())} (reduce_fn is set by install itself)."
+            )
+        settings = LookaheadSettings(k=k, alpha=alpha, pullback=pullback, **options)
+    elif options or (k, alpha, pullback) != (5, 0.5, "none"):
+        raise TypeError("lookahead_dist.deepspeed.install: pass either settings=... or keyword options, not both.")
+    return settings
+
+
+def _check_installable(engine: Any) -> None:
+    if engine is None or not hasattr(engine, "optimizer"):
+        raise TypeError(
+            f"lookahead_dist.deepspeed.install: expected a DeepSpeed engine (the first value returned by "
+            f"deepspeed.initialize), got {type(engine).__name__}."
+        )
+    if find_lookahead(engine) is not None:
+        raise RuntimeError(
+            "lookahead_dist.deepspeed.install: this engine already has a Lookahead; change its settings via "
+            "find_lookahead(engine).settings instead of installing twice."
+        )
+    if getattr(engine, "loaded_checkpoint_dp_world_size", None) is not None:
+        # Set by DeepSpeed at every completed engine.load_checkpoint. The loaded optimizer state then
+        # lacks what only an installed Lookahead restores (universal checkpoints: the cycle position),
+        # and it was loaded without the checks Lookahead.load_state_dict runs.
+        raise RuntimeError(
+            "lookahead_dist.deepspeed.install: this engine has already loaded a checkpoint; install "
+            "Lookahead first, then call engine.load_checkpoint (or lookahead_dist.deepspeed.initialize with "
+            'a "lookahead" config section, which installs before you load).'
+        )
+
+
 def _complete_universal_loads(engine: Any) -> None:
     """Make ``engine.load_checkpoint`` restore Lookahead's state from universal checkpoints too.
 
-    The one patch of an engine method in this package, and why it cannot be an explicit call: users and
-    Lightning's DeepSpeedStrategy call ``engine.load_checkpoint`` themselves, DeepSpeed has no hook after
+    Replaces ``load_checkpoint`` on this engine instance. The package's other patches of another library's
+    objects: ``deepspeed/outer.py`` (``save_checkpoint``/``load_checkpoint`` of an engine under
+    ``outer.scope="nodes"``, into per-node folders) and ``transformers/trainer_patches.py`` (``log``,
+    ``evaluation_loop`` and ``accelerator.prepare`` of one Trainer); docs/architecture.md lists them all.
+    Why this one cannot be an explicit call: users and Lightning's DeepSpeedStrategy call
+    ``engine.load_checkpoint`` themselves, DeepSpeed has no hook after
     a load, and its universal loader restores only the optimizer-state keys it knows (ZeRO-3) and never
     the cycle counters, so a resume at another world size would silently restart the cycle. Regular
     checkpoints need nothing: φ and the counters are in the per-rank optimizer state.
