@@ -23,7 +23,9 @@ from tests.dist.fsdp_common import ALPHA, K, make_net, reference_run
 from tests.helpers import child_env, run, run_torchrun
 
 WORLD = 2
+P = sum(p.numel() for p in make_net().parameters())  # 265
 CASES = ["ddp", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
+CASES_EVAL = [case for case in CASES if case != "fsdp1"]  # FSDP1: the adapter refuses the swap (see below)
 # Every rank computes its half of the batch and the engine averages the gradients; the reference takes the
 # full batch in one process. Same math, different summation order: fp32 rounding (eps = 1.2e-7) on weights
 # below 0.5, accumulated over 8 Adam steps. Measured: 6e-8. A run without Lookahead is 0.13 away.
@@ -81,12 +83,55 @@ def test_slow_weights_for_evaluation(runs: dict, reference: tuple, case: str) ->
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("case", CASES_EVAL)
+def test_forward_inside_use_slow_weights_computes_with_phi(runs: dict, reference: tuple, case: str) -> None:
+    """The model's own forward, after a no-grad forward on θ: θ's loss, then φ's inside the block, then θ's."""
+    fast, slow = (_loss(w) for w in reference)
+    assert abs(fast - slow) > 1e-3  # the check can tell φ from θ
+    got = runs[case]["eval"]
+    assert got[0] == pytest.approx(fast, abs=1e-6) and got[2] == got[0]
+    assert got[1] == pytest.approx(slow, abs=1e-6)
+
+
+def _loss(weights: list[torch.Tensor]) -> float:
+    from torch import nn
+
+    from tests.dist.fabric_cases import PER_RANK
+    from tests.dist.fsdp_common import rank_batch
+
+    net = make_net()
+    x, y = rank_batch(999, PER_RANK, 0, 1)
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), weights):
+            p.copy_(w)
+        return float(nn.functional.mse_loss(net(x), y))
+
+
+@pytest.mark.dist
+def test_fsdp1_slow_weight_swap_is_refused_with_the_reason(runs: dict) -> None:
+    message = runs["fsdp1"]["swap_refused"]
+    assert "FSDP1 keeps the root's gathered weights" in message and "FSDP2" in message
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("case", CASES)
 def test_resume_mid_cycle_is_bit_identical(runs: dict, case: str) -> None:
     res = runs[case]
     assert res["step_loaded"] == 4 and res["counts_saved"] == [1]  # saved one step into the second cycle
     assert res["counts_loaded"] == res["counts_saved"]
     assert res["resume_equal"] and res["resume_diff"] == 0.0
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", CASES)
+def test_slow_weights_are_sharded_like_the_engine(runs: dict, case: str) -> None:
+    layout = runs[case]["phi_layout"]
+    numel = [rank["numel"] for rank in layout]
+    if case == "ddp":
+        assert numel == [P, P]  # replicated, like Adam's moments
+    else:  # each rank holds its shard (ZeRO: plus alignment padding); every element somewhere
+        assert max(numel) < P <= sum(numel) and (case != "fsdp1" and case != "fsdp2" or sum(numel) == P)
+    assert all(rank["dtensor"] for rank in layout) is (case == "fsdp2")
 
 
 @pytest.mark.dist

@@ -58,6 +58,8 @@ OptimizerArg = torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer]
 # The optimizer objects setup() returned under DeepSpeed -> their engine (weakly): the slow-weight swap
 # goes through the engine's partitions there, not through the Lookahead alone.
 _ENGINES: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+# The optimizer objects returned for sharded models -> the model (weakly), for the swap's reshard.
+_MODELS: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 
 
 def setup(
@@ -87,7 +89,9 @@ def setup(
     if isinstance(strategy, ModelParallelStrategy):
         return _setup_fsdp2(fabric, model, optimizer, resolved)
     if isinstance(strategy, FSDPStrategy):  # joint set-up: Fabric itself refuses use_orig_params=False
-        return fabric.setup(model, _wrapped(optimizer, model.parameters(), resolved, sharded=True))
+        fsdp_model, fsdp_optimizer = fabric.setup(model, _wrapped(optimizer, model.parameters(), resolved, sharded=True))
+        _MODELS[fsdp_optimizer] = weakref.ref(fsdp_model)
+        return fsdp_model, fsdp_optimizer
     if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
         return fabric.setup(model, _wrapped(optimizer, model.parameters(), resolved, sharded=False))
     raise TypeError(
@@ -164,8 +168,9 @@ def _setup_fsdp2(fabric: Any, model: nn.Module, optimizer: OptimizerArg, setting
                 f"optimizer as a function of the parameters (lambda params: torch.optim.AdamW(params, ...)), or "
                 f"build it on the parameters of fabric.setup_module(model)."
             )
-    lookahead = _wrapped(optimizer, module.parameters(), settings, sharded=True)
-    return module, fabric.setup_optimizers(lookahead)
+    fabric_optimizer = fabric.setup_optimizers(_wrapped(optimizer, module.parameters(), settings, sharded=True))
+    _MODELS[fabric_optimizer] = weakref.ref(module)
+    return module, fabric_optimizer
 
 
 def _setup_deepspeed(
@@ -226,14 +231,41 @@ def use_slow_weights(optimizer: Any) -> Iterator[None]:
         with engine_slow_weights(engine):
             yield
         return
+    model_ref = _MODELS.get(optimizer)
+    model = model_ref() if model_ref is not None else None
     lookahead = find_lookahead(optimizer)
     if lookahead is None:
         raise TypeError(
             f"lookahead_dist.lightning.fabric.use_slow_weights: {type(optimizer).__name__} holds no Lookahead; "
             f"pass the optimizer returned by lookahead_dist.lightning.fabric.setup."
         )
-    with lookahead.use_slow_weights():
-        yield
+    _reshard(model)
+    try:
+        with lookahead.use_slow_weights():
+            _reshard(model)
+            yield
+    finally:
+        _reshard(model)
+
+
+def _reshard(model: Any) -> None:
+    """Drop the gathered weights FSDP keeps after a no-grad forward (the root's), so the next forward gathers
+    the shards that were just written (φ on entry, θ on exit). Local: frees memory, no collective."""
+    if model is None:
+        return
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    modules = list(model.modules())
+    if any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        raise RuntimeError(
+            "lookahead_dist.lightning.fabric.use_slow_weights: FSDP1 keeps the root's gathered weights after a no-grad forward "
+            "and has no public way to drop them, so the forward would not see φ (and after the block training "
+            "would compute with stale weights). Use FSDP2 (fully_shard), or evaluate φ through "
+            "lookahead_dist.fsdp.checkpoint's consolidated slow weights."
+        )
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class CPUFabricDeepSpeedStrategy(DeepSpeedStrategy):

@@ -87,6 +87,19 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((float((x - y).abs().max()) if x.numel() else 0.0) for x, y in zip(a, b))
 
 
+def phi_layout(lookahead: Any) -> dict[str, Any]:
+    """This rank's φ: element count held locally, and whether every φ tensor is a DTensor shard."""
+    from torch.distributed.tensor import DTensor
+
+    from lookahead_dist.core.keys import SLOW_KEY
+
+    slows = [st[SLOW_KEY] for st in lookahead.state.values() if SLOW_KEY in st]
+    return {
+        "numel": sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in slows),
+        "dtensor": bool(slows) and all(isinstance(t, DTensor) for t in slows),
+    }
+
+
 def gather_per_rank(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
@@ -108,6 +121,21 @@ def train_steps(
             optimizer.zero_grad()
         logs.append(comms.log)
     return logs
+
+
+def eval_losses(model: Any, swap: Callable[[], AbstractContextManager]) -> list[float]:
+    """Loss on a fixed batch computed by the model's forward: on θ, inside the swap (φ), on θ again.
+
+    A forward on θ first: engines that keep gathered weights after a no-grad forward (FSDP2's root) must
+    not evaluate "φ" on those stale copies.
+    """
+    x, y = rank_batch(999, PER_RANK, 0, 1)  # the same batch on every rank
+    with torch.no_grad():
+        losses = [float(nn.functional.mse_loss(model(x), y))]
+        with swap():
+            losses.append(float(nn.functional.mse_loss(model(x), y)))
+        losses.append(float(nn.functional.mse_loss(model(x), y)))
+    return losses
 
 
 def slow_and_restore(model: Any, swap: Callable[[], AbstractContextManager]) -> dict[str, Any]:
@@ -188,8 +216,17 @@ def fabric_case(case: str, tmp: str, section: bool = False) -> dict[str, Any]:
     out["dtensor_params"] = all(type(p).__name__ == "DTensor" for p in model.parameters())
     logs = train_steps(model, optimizer, fabric.backward, 0, STEPS)
     out["theta"] = full_params(model)
-    swap = slow_and_restore(model, lambda: use_slow_weights(optimizer))
+    swap = slow_and_restore(model, slow_weights(case, optimizer))
     out.update(phi=swap["phi"], restored=swap["restored"], sync_count=find_lookahead(optimizer).sync_count)
+    out["phi_layout"] = gather_per_rank(phi_layout(find_lookahead(optimizer)))
+    if case == "fsdp1":  # refused by the adapter: record the message
+        try:
+            with use_slow_weights(optimizer):
+                pass
+        except RuntimeError as exc:
+            out["swap_refused"] = str(exc)
+    else:
+        out["eval"] = eval_losses(model, lambda: use_slow_weights(optimizer))
     out["theta_after_swap"] = full_params(model)
     base_model, base_opt = fabric_build(fabric, case, False, section)
     base_logs = train_steps(base_model, base_opt, fabric.backward, 0, STEPS)
@@ -201,7 +238,7 @@ def fabric_case(case: str, tmp: str, section: bool = False) -> dict[str, Any]:
 
 def fabric_resume(fabric: Any, case: str, tmp: str, section: bool, theta: list, phi: list) -> dict[str, Any]:
     from lookahead_dist.core.keys import COUNT_KEY
-    from lookahead_dist.lightning.fabric import find_lookahead, use_slow_weights
+    from lookahead_dist.lightning.fabric import find_lookahead
 
     path = Path(tmp) / f"fabric_{case}"
     model, optimizer = fabric_build(fabric, case, True, section)
@@ -214,7 +251,7 @@ def fabric_resume(fabric: Any, case: str, tmp: str, section: bool, theta: list, 
     lookahead = find_lookahead(optimizer2)
     counts_loaded = sorted({st[COUNT_KEY] for st in lookahead.state.values() if COUNT_KEY in st})
     train_steps(model2, optimizer2, fabric.backward, state["step"], STEPS)
-    resumed_phi = slow_and_restore(model2, lambda: use_slow_weights(optimizer2))["phi"]
+    resumed_phi = slow_and_restore(model2, slow_weights(case, optimizer2))["phi"]
     resumed_theta = full_params(model2)
     return {
         "step_loaded": state["step"],
@@ -223,6 +260,15 @@ def fabric_resume(fabric: Any, case: str, tmp: str, section: bool, theta: list, 
         "resume_equal": all(torch.equal(a, b) for a, b in zip(resumed_theta + resumed_phi, theta + phi)),
         "resume_diff": max_diff(resumed_theta + resumed_phi, theta + phi),
     }
+
+
+def slow_weights(case: str, optimizer: Any) -> Callable[[], AbstractContextManager]:
+    """The adapter's swap; under FSDP1 (refused there) the core swap of the shards, read by summon_full_params."""
+    from lookahead_dist.lightning.fabric import find_lookahead, use_slow_weights
+
+    if case == "fsdp1":
+        return lambda: find_lookahead(optimizer).use_slow_weights()
+    return lambda: use_slow_weights(optimizer)
 
 
 def fabric_refuse(tmp: str) -> dict[str, Any]:
