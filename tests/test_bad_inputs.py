@@ -783,6 +783,16 @@ def _(tmp: Path) -> Any:
     _lookahead_layout([rank_state], stage=2)
 
 
+@row("ctor-outer-scope-nodes", LookaheadConfigError, r"outer\.scope='nodes' .*cannot be carried out here.*lookahead_dist\.deepspeed\.initialize")
+def _(tmp: Path) -> Any:
+    nodes = LookaheadSettings(outer={"scope": "nodes", "momentum": 0.9})  # type: ignore[arg-type]
+    la = fresh()
+    with pytest.raises(LookaheadConfigError, match=r"outer\.scope='nodes'"):
+        la.settings = nodes  # a settings change on a live Lookahead is refused alike
+    assert la.settings.outer.scope == "global"
+    return Lookahead(adam(), settings=nodes)
+
+
 # ====================================================================== the tests
 @pytest.mark.parametrize("row_id", list(ROWS))
 def test_row(row_id: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:

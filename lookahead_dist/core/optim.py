@@ -46,13 +46,9 @@ and decides for it alone (under DDP the replicas are identical, so they decide a
 
 from __future__ import annotations
 
-import operator
-import warnings
-import weakref
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from itertools import repeat
 from typing import Any
 
 import torch
@@ -69,22 +65,13 @@ from .keys import (
     SLOW_KEY,
     slow_key_for,
 )
-from .settings import AlphaSpec, LookaheadSettings, check_alpha, check_k
-from .state_check import check_state_dict
-from .sync import CHUNK, SyncPlan, local, make_slow, nonfinite_tensors, sync_
+from .plan import StepPlan, advance_counters, claim, set_counts
+from .pull import Pull, raise_if_nonfinite, sync
+from .settings import AlphaSpec, LookaheadConfigError, LookaheadSettings, check_alpha, check_k
+from .state_check import check_pullback_keys, check_state_dict
+from .sync import local, make_slow
 
 __all__ = ["COUNT_KEY", "PULLBACK_MODES", "SLOW_KEY", "Lookahead", "ReduceFn", "slow_key_for"]
-
-# C-level getters: the per-step bookkeeping reads one attribute or key of every tensor, never in a
-# Python-level loop body (see ``_step``).
-_GRAD = operator.attrgetter("grad")
-_COUNT = operator.itemgetter(COUNT_KEY)
-_SLOW = operator.itemgetter(SLOW_KEY)
-
-
-def _set_counts(states: list[dict[str, Any]], count: int) -> None:
-    # state[COUNT_KEY] = count for every state dict, iterated in C (map + a zero-length deque).
-    deque(map(operator.setitem, states, repeat(COUNT_KEY), repeat(count)), maxlen=0)
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -98,22 +85,47 @@ _HOOK_DICTS = (
 #: Sums a small fp64 tensor across the processes that each hold a shard of the weights, in place.
 ReduceFn = Callable[[Tensor], None]
 
-# Inner optimizer -> its live Lookahead: a second wrapper on the same inner optimizer would share (and
-# double-advance) the counters. Weak on both sides, so a dropped wrapper frees the inner optimizer.
-_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Any]] = weakref.WeakKeyDictionary()
-
-
-def _claim(optimizer: Optimizer, wrapper: Any) -> None:
-    ref = _OWNERS.get(optimizer)
-    owner = ref() if ref is not None else None
-    if owner is not None and owner is not wrapper:
-        raise ValueError(
-            f"Lookahead: this {type(optimizer).__name__} is already wrapped by another Lookahead "
-            f"(k={owner.k}, alpha={owner.alpha!r}); two wrappers would share and double-advance its cycle "
-            f"counters. Use the existing wrapper (change its k/alpha with `opt.settings = "
-            f"opt.settings.replace(...)`), or build a new inner optimizer."
+def _check_inner(optimizer: Any, allow_empty: bool) -> None:
+    if isinstance(optimizer, Lookahead):
+        raise TypeError(
+            "Lookahead: the optimizer is already a Lookahead; wrap the inner optimizer once "
+            "(use `optimizer.optimizer` to reach it), or change k/alpha on the existing wrapper."
         )
-    _OWNERS[optimizer] = weakref.ref(wrapper)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"Lookahead: expected a torch.optim.Optimizer to wrap, got {type(optimizer).__name__}; "
+            f"build the inner optimizer first, e.g. Lookahead(torch.optim.AdamW(model.parameters())) ."
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError(
+            "Lookahead: torch.optim.LBFGS is not supported: it re-evaluates the closure inside its step, "
+            "while Lookahead runs the closure once before the inner step. Use a first-order optimizer "
+            "(SGD, Adam, AdamW, ...) as the inner optimizer."
+        )
+    if not allow_empty and not any(len(g["params"]) > 0 for g in optimizer.param_groups):
+        raise ValueError("Lookahead: the optimizer has no parameters to step; create it with the model's parameters.")
+
+
+def _check_scope(settings: Any, rule: Pull) -> None:
+    """Refuse settings that ``rule`` cannot carry out: above all ``outer.scope="nodes"`` on plain Lookahead."""
+    if not isinstance(settings, LookaheadSettings):
+        raise TypeError(f"Lookahead: settings must be a LookaheadSettings, got {type(settings).__name__}.")
+    scope = settings.outer.scope
+    if scope == rule.scope:
+        return
+    if scope == "nodes":
+        raise LookaheadConfigError(
+            "Lookahead: outer.scope='nodes' (the cross-node outer step) cannot be carried out here: this "
+            "Lookahead syncs each process's weights locally and would train plain Lookahead. The outer step "
+            "needs every node to be its own data-parallel group before the engine is built; it works with "
+            "lookahead_dist.deepspeed.initialize and a \"lookahead\": {\"outer\": {\"scope\": \"nodes\", ...}} "
+            "section in the DeepSpeed config (or Lightning's LookaheadDeepSpeedStrategy(outer=...)). Remove "
+            "outer= here, or use outer.scope='global'."
+        )
+    raise LookaheadConfigError(
+        f"Lookahead: outer.scope={scope!r} does not match this Lookahead's sync ({type(rule).__name__} carries "
+        f"out outer.scope={rule.scope!r}); build the optimizer through the entry point for that scope."
+    )
 
 
 class Lookahead(Optimizer):
@@ -127,10 +139,13 @@ class Lookahead(Optimizer):
             :class:`~lookahead_dist.LookaheadSettings` (validated there, with the same messages as the
             DeepSpeed config section and the callbacks).
         settings: a ready :class:`~lookahead_dist.LookaheadSettings` instead of the keywords above.
+            ``outer.scope="nodes"`` is refused here (see :mod:`lookahead_dist.deepspeed.outer`).
         reduce_fn: for sharded engines, sums the adaptive-α partial sums across shards in place.
             Not used for a fixed α, which needs no communication.
         allow_empty: accept an inner optimizer whose param groups are empty now; for engines that
             fill them only while stepping (DeepSpeed ZeRO-3 sub-groups).
+        pull: how a sync pulls θ and φ together (:class:`~lookahead_dist.core.pull.Pull`, the extension
+            point of engine adapters); default: Lookahead's own local rule.
     """
 
     def __init__(
@@ -147,27 +162,9 @@ class Lookahead(Optimizer):
         settings: LookaheadSettings | None = None,
         reduce_fn: ReduceFn | None = None,
         allow_empty: bool = False,
+        pull: Pull | None = None,
     ) -> None:
-        if isinstance(optimizer, Lookahead):
-            raise TypeError(
-                "Lookahead: the optimizer is already a Lookahead; wrap the inner optimizer once "
-                "(use `optimizer.optimizer` to reach it), or change k/alpha on the existing wrapper."
-            )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"Lookahead: expected a torch.optim.Optimizer to wrap, got {type(optimizer).__name__}; "
-                f"build the inner optimizer first, e.g. Lookahead(torch.optim.AdamW(model.parameters())) ."
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                "Lookahead: torch.optim.LBFGS is not supported: it re-evaluates the closure inside its step, "
-                "while Lookahead runs the closure once before the inner step. Use a first-order optimizer "
-                "(SGD, Adam, AdamW, ...) as the inner optimizer."
-            )
-        if not allow_empty and not any(len(g["params"]) > 0 for g in optimizer.param_groups):
-            raise ValueError(
-                "Lookahead: the optimizer has no parameters to step; create it with the model's parameters."
-            )
+        _check_inner(optimizer, allow_empty)
         if settings is None:
             settings = LookaheadSettings(
                 k=k,
@@ -178,15 +175,17 @@ class Lookahead(Optimizer):
                 pullback_keys=pullback_keys,
                 nonfinite=nonfinite,
             )
-        elif not isinstance(settings, LookaheadSettings):
-            raise TypeError(f"Lookahead: settings must be a LookaheadSettings, got {type(settings).__name__}.")
         if reduce_fn is not None and not callable(reduce_fn):
             raise TypeError(
                 f"Lookahead: reduce_fn={reduce_fn!r} is not callable; pass a function that sums a small tensor "
                 f"across shards in place (e.g. a torch.distributed.all_reduce), or None."
             )
-        _claim(optimizer, self)
-        self.settings = settings
+        if pull is not None and not isinstance(pull, Pull):
+            raise TypeError(f"Lookahead: pull must be a lookahead_dist.core.pull.Pull, got {type(pull).__name__}.")
+        self._pull = pull if pull is not None else Pull()
+        _check_scope(settings, self._pull)
+        claim(optimizer, self)
+        self._settings = settings
         self.reduce_fn = reduce_fn
         self.optimizer = optimizer
         for group in optimizer.param_groups:
@@ -206,12 +205,21 @@ class Lookahead(Optimizer):
         self._syncs_of: dict[Tensor, int] = {}
         self._steps_taken = 0  # step() calls in this process, for messages
         self._in_slow_weights = False
-        self._plan: _Plan | None = None
+        self._plan: StepPlan | None = None
         self._keys_checked: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ settings
-    # Read-only views of the settings; change them with ``opt.settings = opt.settings.replace(k=3)``,
-    # which validates the new values.
+    @property
+    def settings(self) -> LookaheadSettings:
+        """What this Lookahead does; change it with ``opt.settings = opt.settings.replace(k=3)``."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: LookaheadSettings) -> None:
+        _check_scope(value, self._pull)
+        self._settings = value
+
+    # Read-only views of the settings (validated when the settings were built).
     k = property(lambda self: self.settings.k)
     alpha = property(lambda self: self.settings.alpha)
     pullback = property(lambda self: self.settings.pullback)
@@ -267,7 +275,8 @@ class Lookahead(Optimizer):
         self.__dict__.setdefault("_steps_taken", 0)
         self.__dict__.setdefault("_in_slow_weights", False)
         self.__dict__.setdefault("_keys_checked", None)
-        _claim(self.optimizer, self)
+        self.__dict__.setdefault("_pull", Pull())
+        claim(self.optimizer, self)
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -333,12 +342,12 @@ class Lookahead(Optimizer):
             self._step()
         return loss
 
-    def _current_plan(self) -> _Plan:
+    def _current_plan(self) -> StepPlan:
         groups = self.optimizer.param_groups
         plan = self._plan
         if plan is None or not plan.valid(self.optimizer.state, groups):
             self._drop_plan()
-            plan = self._plan = _Plan(self.optimizer.state, groups, self._syncs_of)
+            plan = self._plan = StepPlan(self.optimizer.state, groups, self._syncs_of)
         return plan
 
     def _drop_plan(self) -> None:
@@ -349,6 +358,7 @@ class Lookahead(Optimizer):
             self._plan = None
 
     def _step(self) -> None:
+        """One inner step, then the counters; the tensors whose cycle completes sync (see core.pull.sync)."""
         self._steps_taken += 1
         groups = self.param_groups
         # Overrides may be edited after construction: check them before anything moves.
@@ -364,73 +374,22 @@ class Lookahead(Optimizer):
 
         self.optimizer.step()
 
-        inner_state = self.optimizer.state
         if fresh:
-            for (gi, p), snap in zip(fresh, snapshots):
-                st = inner_state[p]
-                st[SLOW_KEY] = snap
-                st[COUNT_KEY] = 0
-                plan.track(gi, p, st, self._syncs_of.get(p, 0))
-            plan.fresh = [(gi, p) for gi, p in plan.fresh if p.grad is None]
-            plan.has_dtensor = plan.has_dtensor or any(_maybe_dtensor(p) for _, p in fresh)
-        if self.pullback == "pullback" and self._keys_checked != self.pullback_keys:
-            self._check_pullback_keys()
+            plan.add_slow(fresh, snapshots, self.optimizer.state, self._syncs_of)
+        keys = self.pullback_keys
+        if self.pullback == "pullback" and self._keys_checked != keys and check_pullback_keys(self.optimizer, keys):
+            self._keys_checked = keys
         if probe:
-            return  # torch's synthetic state initialisation: the keys exist now, nothing counts
+            return  # a state initialisation: the keys exist now, nothing counts
 
-        # Per tensor and only with a gradient: a tensor the inner optimizer did not update this step
-        # (no gradient: a skipped training_step, a closure returning None) does not advance its cycle.
-        # The usual case, every tensor of a group with a gradient and the same count, is decided for
-        # the group at once: the counters and gradients are read with C-level map() calls and the new
-        # count written back, no per-tensor Python logic. Anything else takes the per-tensor path.
         defer = self.settings.nonfinite == "raise"  # then nothing may change before the check
-        pending: list[tuple[list[dict[str, Any]], int]] = []
-        due: dict[int, list[Tensor]] = {}
-        synced: dict[int, list[int] | None] = {}  # per group: indices that sync (None: all of them)
-        for gi, (params, states) in enumerate(zip(plan.params, plan.states)):
-            if not params:
-                continue
-            k = group_k[gi]
-            try:
-                counts = list(map(_COUNT, states))
-            except KeyError:
-                counts = [st.get(COUNT_KEY, 0) for st in states]
-            first = counts[0]
-            # (``x in`` would compare tensors with ``==``; ``is_not`` is an identity test.)
-            if all(map(operator.is_not, map(_GRAD, params), repeat(None))) and min(counts) == first == max(counts):
-                count = first + 1
-                if count >= k:
-                    due[gi] = params
-                    synced[gi] = None
-                    count = 0
-                if defer:
-                    pending.append((states, count))
-                else:
-                    _set_counts(states, count)
-                continue
-            group_due: list[Tensor] = []
-            group_idx: list[int] = []
-            for i, (p, st, count) in enumerate(zip(params, states, counts)):
-                if p.grad is None:
-                    continue
-                count += 1
-                if count >= k:
-                    group_due.append(p)
-                    group_idx.append(i)
-                    count = 0
-                if defer:
-                    pending.append(([st], count))
-                else:
-                    st[COUNT_KEY] = count
-            if group_due:
-                due[gi] = group_due
-                synced[gi] = group_idx
+        due, synced, pending = advance_counters(plan, group_k, defer)
         if due and defer:
-            self._raise_if_nonfinite(due)
+            raise_if_nonfinite(self, due)
         for states, count in pending:
-            _set_counts(states, count)
+            set_counts(states, count)
         if due:
-            self._sync(due)
+            sync(self, due, self._pull)
             self._record_syncs(plan, synced)
             if self.pullback == "reset":
                 self._drop_plan()  # the synced tensors' state was cleared: they start fresh
@@ -472,226 +431,13 @@ class Lookahead(Optimizer):
             return False
         return not any(bool(local(grad).any()) for grad in grads)  # type: ignore[arg-type]
 
-    def _check_pullback_keys(self) -> None:
-        """Refuse ``pullback_keys`` that do not name momentum-like tensors of this optimizer's state.
-
-        Runs once the inner optimizer has created its state (its first step); checked again after
-        ``load_state_dict`` or a settings change.
-        """
-        keys = self.pullback_keys
-        stepped = [(p, st) for p, st in self.optimizer.state.items() if SLOW_KEY in st]
-        if not stepped:
-            return
-        available = sorted(
-            {
-                key
-                for p, st in stepped
-                for key, value in st.items()
-                if isinstance(key, str) and not key.startswith("lookahead_") and _is_buffer_like(value, p)
-            }
-        )
-        hint = f"the momentum-like tensor buffers of this {type(self.optimizer).__name__} are {available}"
-        any_present = False
-        for key in keys:
-            present = [(p, st[key]) for p, st in stepped if key in st]
-            for p, value in present:
-                if key == "step" or not _is_buffer_like(value, p):
-                    what = (
-                        f"a {type(value).__name__}"
-                        if not isinstance(value, Tensor)
-                        else f"a {value.dtype} tensor of shape {tuple(value.shape)} for a parameter of shape "
-                        f"{tuple(p.shape)}"
-                    )
-                    raise ValueError(
-                        f"Lookahead: pullback_keys entry {key!r} is {what} in the optimizer state, not a "
-                        f"momentum-like buffer; pulling it back would corrupt it. {hint}; pass those "
-                        f"(e.g. pullback_keys={tuple(available[:1])!r}) or pullback='none'."
-                    )
-            if not present and key not in DEFAULT_PULLBACK_KEYS:
-                raise ValueError(
-                    f"Lookahead: pullback_keys entry {key!r} is not in the optimizer state of any tensor after "
-                    f"its first step, so it would silently not be pulled back; {hint}."
-                )
-            any_present = any_present or bool(present)
-        if not any_present:
-            raise ValueError(
-                f"Lookahead: pullback='pullback' has nothing to pull back: none of pullback_keys={keys!r} is "
-                f"in the optimizer state; {hint}. Name those buffers, or use pullback='none' (an optimizer "
-                f"without momentum has nothing to pull back)."
-            )
-        self._keys_checked = keys
-
-    def _raise_if_nonfinite(self, due: dict[int, list[Tensor]]) -> None:
-        # nonfinite="raise": one extra read of θ for the tensors due, before anything is written.
-        who = [(gi, p) for gi, params in due.items() for p in params]
-        bad = nonfinite_tensors([local(p) for _, p in who])
-        if bad:
-            names = "; ".join(self._describe(*who[i]) for i in bad[:5])
-            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-            raise FloatingPointError(
-                f"Lookahead: step {self._steps_taken} (this process): the fast weights are not finite (NaN/inf) "
-                f"at a sync in {len(bad)} tensor(s): {names}{more}. Nothing of this sync was applied "
-                f"(nonfinite='raise'); use nonfinite='skip' to keep their slow weights and continue, and look "
-                f"for the cause (learning rate, loss scaling, gradient clipping)."
-            )
-
-    def _describe(self, gi: int, p: Tensor) -> str:
-        group = self.param_groups[gi] if gi < len(self.param_groups) else {}
-        params = group.get("params", [])
-        index = next((i for i, q in enumerate(params) if q is p), None)
-        names = group.get("param_names")
-        name = f" {names[index]!r}" if index is not None and isinstance(names, list) and index < len(names) else ""
-        return f"param group {gi} tensor {index}{name} (shape {tuple(p.shape)})"
-
-    def _group_alpha(self, gi: int, params: list[Tensor]) -> float:
-        spec = self.param_groups[gi].get(GROUP_ALPHA, self.alpha)
-        if spec != "adaptive":
-            return float(spec)
-        from .adaptive import adaptive_alpha  # local import: keeps the fixed-α path light
-
-        return adaptive_alpha(
-            params,
-            self.optimizer.state,
-            self.param_groups[gi],
-            bounds=self.alpha_bounds,
-            fallback=self.alpha_fallback,
-            reduce_fn=self.reduce_fn,
-            k=self.param_groups[gi].get(GROUP_K, self.k),
-        )
-
-    def _sync(self, due: dict[int, list[Tensor]]) -> None:
-        state = self.optimizer.state
-        # (param group, tensor, blocks kept, blocks) where θ was not finite.
-        kept: list[tuple[int, Tensor, int, int]] = []
-        check = self.settings.nonfinite == "skip"  # "raise" checked everything before this call
-        adaptive = check and any(self.param_groups[gi].get(GROUP_ALPHA, self.alpha) == "adaptive" for gi in due)
-        if adaptive:
-            # The line sums of adaptive α must not see NaN either: decide per whole tensor first.
-            due = dict(due)
-            for gi, params in list(due.items()):
-                bad = set(nonfinite_tensors([local(p) for p in params]))
-                for i in sorted(bad):
-                    p = params[i]
-                    local(p).copy_(local(state[p][SLOW_KEY]))
-                    kept.append((gi, p, 1, 1))
-                due[gi] = [p for i, p in enumerate(params) if i not in bad]
-            check = False
-        for gi, params in due.items():
-            # Even with every tensor of the group skipped: under ZeRO/FSDP adaptive α reduces its sums
-            # across processes, so every process must take part (no finite tensor: the fallback α).
-            alpha = self._group_alpha(gi, params)
-            # Kept in the group dict: ZeRO-1/2 shows the inner optimizer one group at a time.
-            self.param_groups[gi][LAST_ALPHA] = alpha
-            for members, runner in self._buckets(gi, params):
-                skipped: set[int] = set()
-                for i, blocks_kept, blocks in runner.run(alpha, check):
-                    kept.append((gi, members[i], blocks_kept, blocks))
-                    skipped.add(i)
-                if self.pullback == "pullback":
-                    good = [p for i, p in enumerate(members) if i not in skipped] if skipped else members
-                    if good:
-                        self._pull_back_buffers(good, alpha)
-        if self.pullback == "reset":
-            for gi, params in due.items():
-                for p in params:
-                    st = state[p]
-                    self._spare[p] = st[SLOW_KEY]
-                    st.clear()
-            for gi, p, _, _ in kept:
-                if p not in self._spare:
-                    st = state[p]
-                    self._spare[p] = st[SLOW_KEY]
-                    st.clear()
-        if kept:
-            self._warn_kept(kept)
-
-    def _buckets(self, gi: int, params: list[Tensor]) -> list[tuple[list[Tensor], SyncPlan]]:
-        """``params`` of group ``gi`` by (device, dtype): (the params, how to sync them with their φ).
-
-        When the whole group syncs (the usual case) the grouping and the sync plans come from the cached
-        plan; φ is still looked up, and a plan is rebuilt if a φ object changed (e.g. a checkpoint load).
-        """
-        state = self.optimizer.state
-        plan = self._plan
-        if (
-            plan is not None
-            and not plan.has_dtensor
-            and gi < len(plan.params)
-            and len(params) == len(plan.params[gi])
-        ):
-            cached = plan.buckets.get(gi)
-            if cached is None:
-                by_key: dict[tuple[torch.device, torch.dtype], list[Any]] = {}
-                for p, st in zip(plan.params[gi], plan.states[gi]):
-                    entry = by_key.setdefault((p.device, p.dtype), [[], [], None])
-                    entry[0].append(p)
-                    entry[1].append(st)
-                cached = plan.buckets[gi] = list(by_key.values())
-            out = []
-            for entry in cached:
-                fast, sts, runner = entry
-                slow = list(map(_SLOW, sts))
-                if runner is None or not runner.valid(slow):
-                    runner = entry[2] = SyncPlan(fast, slow)
-                out.append((fast, runner))
-            return out
-        grouped: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
-        for p in params:
-            fast = local(p)
-            entry2 = grouped.setdefault((fast.device, fast.dtype), ([], [], []))
-            entry2[0].append(fast)
-            entry2[1].append(local(state[p][SLOW_KEY]))
-            entry2[2].append(p)
-        return [(members, SyncPlan(fast_list, slow_list)) for fast_list, slow_list, members in grouped.values()]
-
-    def _warn_kept(self, kept: list[tuple[int, Tensor, int, int]]) -> None:
-        parts = []
-        for gi, p, blocks_kept, blocks in kept[:5]:
-            what = self._describe(gi, p)
-            if blocks_kept < blocks:
-                what += f": {blocks_kept} of its {blocks} blocks of {CHUNK} elements"
-            parts.append(what)
-        more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
-        warnings.warn(
-            f"Lookahead: step {self._steps_taken} (this process): non-finite fast weights (NaN/inf) at a sync in "
-            f"{'; '.join(parts)}{more}. Their slow weights were kept and the fast weights reset to them "
-            f"(nonfinite='skip'); training continues from the slow weights. Use nonfinite='raise' to stop "
-            f"instead, and look for the cause (learning rate, loss scaling, gradient clipping).",
-            RuntimeWarning,
-            stacklevel=5,
-        )
-
     @torch._disable_dynamo
-    def _record_syncs(self, plan: _Plan, synced: dict[int, list[int] | None]) -> None:
+    def _record_syncs(self, plan: StepPlan, synced: dict[int, list[int] | None]) -> None:
         # Under torch.compile, dynamo drops attribute updates on an Optimizer; run this eagerly.
         most = self.sync_count
         for gi, indices in synced.items():
             most = max(most, plan.record(gi, indices))
         self.sync_count = most
-
-    def _pull_back_buffers(self, fast: list[Tensor], alpha: float) -> None:
-        state = self.optimizer.state
-        for key in self.pullback_keys:
-            slow_name = slow_key_for(key)
-            have_slow: list[Tensor] = []
-            live: list[Tensor] = []
-            first: list[tuple[Tensor, Tensor]] = []
-            for p in fast:
-                buf = state[p].get(key)
-                if not isinstance(buf, Tensor):
-                    continue
-                if slow_name in state[p]:
-                    have_slow.append(local(state[p][slow_name]))
-                    live.append(local(buf))
-                else:
-                    first.append((p, buf))
-            if live:
-                sync_(live, have_slow, alpha, check=False)
-            if first:
-                # The momentum at φ₀ is zero: m ← 0 + α(m − 0); its slow copy must not alias m.
-                torch._foreach_mul_([local(b) for _, b in first], alpha)
-                for p, buf in first:
-                    state[p][slow_name] = buf.clone()
 
     @property
     def last_alpha(self) -> dict[int, float]:
@@ -753,107 +499,3 @@ class Lookahead(Optimizer):
         for acc in per_device.values():
             total += acc.cpu()
         return total
-
-
-class _Plan:
-    """What a step needs, cached across steps while the param groups and the state dict are the same.
-
-    Holds the group dicts and their ``params`` lists themselves (so their ids cannot be reused while
-    cached) and, per group, the tensors that have slow weights with their state dicts. It is rebuilt
-    when the inner optimizer's ``state`` object, a group, a ``params`` list or its length changes
-    (``load_state_dict``, ``add_param_group``, ZeRO swapping the groups it shows), and after a
-    ``"reset"`` sync.
-
-    It also keeps each tracked tensor's number of syncs (for ``Lookahead.sync_count``): a sync of a
-    whole group adds one to the group's ``bonus`` instead of to every tensor, and :meth:`fold` writes
-    the totals back to the wrapper's per-tensor dict when the plan is dropped.
-    """
-
-    __slots__ = (
-        "bonus",
-        "buckets",
-        "fresh",
-        "groups",
-        "has_dtensor",
-        "lens",
-        "lists",
-        "most",
-        "params",
-        "state",
-        "states",
-        "syncs",
-    )
-
-    def __init__(self, state: Any, groups: list[dict[str, Any]], syncs_of: dict[Tensor, int]) -> None:
-        self.state = state
-        self.groups = list(groups)
-        self.lists = [g["params"] for g in groups]
-        self.lens = [len(params) for params in self.lists]
-        self.params: list[list[Tensor]] = []  # per group, the tensors with slow weights
-        self.states: list[list[dict[str, Any]]] = []  # ... and their state dicts
-        self.syncs: list[list[int]] = []  # ... and their syncs, not counting ``bonus``
-        self.bonus: list[int] = []  # per group, whole-group syncs since this plan was built
-        self.most: list[int] = []  # per group, the most syncs of one of its tensors
-        self.fresh: list[tuple[int, Tensor]] = []  # no slow weights yet
-        for gi, params in enumerate(self.lists):
-            tracked: list[Tensor] = []
-            states: list[dict[str, Any]] = []
-            for p in params:
-                st = state.get(p)
-                if st is not None and SLOW_KEY in st:
-                    tracked.append(p)
-                    states.append(st)
-                else:
-                    self.fresh.append((gi, p))
-            counts = [syncs_of.get(p, 0) for p in tracked] if syncs_of else [0] * len(tracked)
-            self.params.append(tracked)
-            self.states.append(states)
-            self.syncs.append(counts)
-            self.bonus.append(0)
-            self.most.append(max(counts, default=0))
-        # Per group, the tracked tensors by (device, dtype) for the sync; built at the first sync.
-        self.buckets: dict[int, list[list[Any]]] = {}
-        self.has_dtensor = any(_maybe_dtensor(p) for params in self.lists for p in params)
-
-    def valid(self, state: Any, groups: list[dict[str, Any]]) -> bool:
-        if state is not self.state or len(groups) != len(self.groups):
-            return False
-        for group, cached, params, n in zip(groups, self.groups, self.lists, self.lens):
-            if group is not cached or group["params"] is not params or len(params) != n:
-                return False
-        return True
-
-    def track(self, gi: int, p: Tensor, st: dict[str, Any], syncs: int) -> None:
-        """``p`` (of group ``gi``) just got slow weights; it had synced ``syncs`` times before."""
-        self.params[gi].append(p)
-        self.states[gi].append(st)
-        self.syncs[gi].append(syncs - self.bonus[gi])
-        self.most[gi] = max(self.most[gi], syncs)
-        self.buckets.pop(gi, None)
-
-    def record(self, gi: int, indices: list[int] | None) -> int:
-        """One sync of group ``gi``'s tensors ``indices`` (None: all); returns the group's most syncs."""
-        if indices is None:
-            self.bonus[gi] += 1
-            self.most[gi] += 1
-        else:
-            counts, bonus = self.syncs[gi], self.bonus[gi]
-            for i in indices:
-                counts[i] += 1
-                self.most[gi] = max(self.most[gi], counts[i] + bonus)
-        return self.most[gi]
-
-    def fold(self, syncs_of: dict[Tensor, int]) -> None:
-        for params, counts, bonus in zip(self.params, self.syncs, self.bonus):
-            for p, n in zip(params, counts):
-                if n + bonus:
-                    syncs_of[p] = n + bonus
-
-
-def _maybe_dtensor(p: Tensor) -> bool:
-    # Anything but a plain tensor/Parameter goes through sync.local() (DTensor -> its local shard).
-    return type(p) is not Tensor and type(p) is not torch.nn.Parameter
-
-
-def _is_buffer_like(value: Any, p: Tensor) -> bool:
-    return isinstance(value, Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(p.shape)

@@ -1,4 +1,4 @@
-"""Checks of a Lookahead state dict before it is loaded: a bad φ or counter is refused at load time.
+"""Checks of Lookahead state: a state dict before it is loaded, ``pullback_keys`` against the live state.
 
 Without these a wrong-shape ``lookahead_slow`` fails only at the next sync (after the inner step ran and
 the counters reset), and NaN slow weights, negative counters or counters from a larger ``k`` are taken
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .keys import COUNT_KEY, GROUP_K, SLOW_KEY
+from .keys import COUNT_KEY, DEFAULT_PULLBACK_KEYS, GROUP_K, SLOW_KEY
 
-__all__ = ["LookaheadStateError", "check_state_dict", "reset_counters"]
+__all__ = ["LookaheadStateError", "check_pullback_keys", "check_state_dict", "reset_counters"]
 
 
 class LookaheadStateError(ValueError):
@@ -133,3 +133,56 @@ def reset_counters(state_dict: dict[str, Any]) -> dict[str, Any]:
         if isinstance(entry, dict) and COUNT_KEY in entry:
             entry[COUNT_KEY] = 0
     return state_dict
+
+
+def check_pullback_keys(optimizer: Any, keys: tuple[str, ...]) -> bool:
+    """Refuse ``pullback_keys`` that do not name momentum-like tensors of this optimizer's state.
+
+    Runs once the inner optimizer has created its state (its first step); checked again after
+    ``load_state_dict`` or a settings change. Returns whether there was state to check.
+    """
+    stepped = [(p, st) for p, st in optimizer.state.items() if SLOW_KEY in st]
+    if not stepped:
+        return False
+    available = sorted(
+        {
+            key
+            for p, st in stepped
+            for key, value in st.items()
+            if isinstance(key, str) and not key.startswith("lookahead_") and _is_buffer_like(value, p)
+        }
+    )
+    hint = f"the momentum-like tensor buffers of this {type(optimizer).__name__} are {available}"
+    any_present = False
+    for key in keys:
+        present = [(p, st[key]) for p, st in stepped if key in st]
+        for p, value in present:
+            if key == "step" or not _is_buffer_like(value, p):
+                what = (
+                    f"a {type(value).__name__}"
+                    if not isinstance(value, Tensor)
+                    else f"a {value.dtype} tensor of shape {tuple(value.shape)} for a parameter of shape "
+                    f"{tuple(p.shape)}"
+                )
+                raise ValueError(
+                    f"Lookahead: pullback_keys entry {key!r} is {what} in the optimizer state, not a "
+                    f"momentum-like buffer; pulling it back would corrupt it. {hint}; pass those "
+                    f"(e.g. pullback_keys={tuple(available[:1])!r}) or pullback='none'."
+                )
+        if not present and key not in DEFAULT_PULLBACK_KEYS:
+            raise ValueError(
+                f"Lookahead: pullback_keys entry {key!r} is not in the optimizer state of any tensor after "
+                f"its first step, so it would silently not be pulled back; {hint}."
+            )
+        any_present = any_present or bool(present)
+    if not any_present:
+        raise ValueError(
+            f"Lookahead: pullback='pullback' has nothing to pull back: none of pullback_keys={keys!r} is "
+            f"in the optimizer state; {hint}. Name those buffers, or use pullback='none' (an optimizer "
+            f"without momentum has nothing to pull back)."
+        )
+    return True
+
+
+def _is_buffer_like(value: Any, p: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point() and tuple(value.shape) == tuple(p.shape)

@@ -39,12 +39,24 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["BATCH", "CHUNK", "SMALL", "TINY", "SyncPlan", "SyncReport", "local", "make_slow", "nonfinite_tensors", "sync_"]
+__all__ = [
+    "BATCH",
+    "CHUNK",
+    "SMALL",
+    "TINY",
+    "Skipped",
+    "SyncPlan",
+    "SyncReport",
+    "local",
+    "make_slow",
+    "nonfinite_tensors",
+    "sync_",
+]
 
 #: Elements per block for large CPU tensors (1 MiB of fp32 each for θ and φ).
 CHUNK = 1 << 18
@@ -58,8 +70,18 @@ SMALL = 1 << 15
 #: instead of three multi-tensor passes. Between TINY and SMALL a tensor's check is one sum of it.
 TINY = 1 << 14
 
-#: (index into the lists, blocks kept, blocks in the tensor) for each tensor with a non-finite block.
-SyncReport = list[tuple[int, int, int]]
+
+
+class Skipped(NamedTuple):
+    """A tensor with a non-finite block: its position in the synced lists, blocks kept, blocks in it."""
+
+    position: int
+    blocks_kept: int
+    blocks: int
+
+
+#: The tensors of one sync that had non-finite blocks (empty when all were finite or nothing was checked).
+SyncReport = list[Skipped]
 
 _dtensor_cls: Any = None
 
@@ -201,7 +223,7 @@ class _FlatRun:
             self.scratch_views.append(self.scratch[offset : offset + t.numel()].view(t.shape))
             offset += t.numel()
 
-    def run(self, alpha: float, check: bool, report: SyncReport) -> None:
+    def run(self, fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool, report: SyncReport) -> None:
         if self.catable:
             torch.cat(self.fast, out=self.scratch)  # gather θ
         else:
@@ -209,17 +231,68 @@ class _FlatRun:
         if check and not _finite(self.scratch):  # rare: find the tensors, as a plain batch
             inner: SyncReport = []
             _sync_batch(list(range(len(self.fast))), self.fast, self.slow, [], self.fast, alpha, check, inner)
-            report.extend((self.idx[i], kept, blocks) for i, kept, blocks in inner)
+            report.extend(Skipped(self.idx[i], kept, blocks) for i, kept, blocks in inner)
             return
         self.slow_flat.lerp_(self.scratch, alpha)
         torch._foreach_copy_(self.fast, self.slow)  # θ ← φ
 
 
+class _Item(Protocol):
+    """One part of a :class:`SyncPlan`: syncs its tensors of the plan's lists and reports non-finite ones."""
+
+    def run(self, fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool, report: SyncReport) -> None: ...
+
+
+class _Large:
+    """A large contiguous CPU tensor, synced alone block by block (:func:`_sync_blocks`)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def run(self, fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool, report: SyncReport) -> None:
+        f = fast[self.index]
+        kept = _sync_blocks(f.view(-1), slow[self.index].view(-1), alpha, check)
+        if kept:
+            report.append(Skipped(self.index, kept, -(-f.numel() // CHUNK)))
+
+
+class _Batch:
+    """Small CPU tensors synced with the multi-tensor kernels (:func:`_sync_batch`).
+
+    ``sums``: those checked by one sum each (at least :data:`TINY` elements); ``rest``: the tiny ones,
+    checked by one multi-tensor kernel.
+    """
+
+    __slots__ = ("fast", "idx", "rest", "slow", "sums")
+
+    def __init__(self, idx: list[int], fast: list[Tensor], slow: list[Tensor]) -> None:
+        self.idx = idx
+        self.fast = fast
+        self.slow = slow
+        self.sums = [t for t in fast if t.numel() >= TINY]
+        self.rest = [t for t in fast if t.numel() < TINY]
+
+    def run(self, fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool, report: SyncReport) -> None:
+        _sync_batch(self.idx, self.fast, self.slow, self.sums, self.rest, alpha, check, report)
+
+
+class _Foreach:
+    """Every tensor of the plan with the multi-tensor kernels (non-CPU devices: fused launches)."""
+
+    __slots__ = ()
+
+    def run(self, fast: list[Tensor], slow: list[Tensor], alpha: float, check: bool, report: SyncReport) -> None:
+        report.extend(_sync_foreach(fast, slow, alpha, check))
+
+
 class SyncPlan:
     """How one list of (fast, slow) pairs is synced: built once, reused while the φ objects are the same.
 
-    CPU: large tensors block by block, runs of small tensors with flat φ as :class:`_FlatRun`, other small
-    tensors in multi-tensor batches. Other devices: the multi-tensor kernels on the whole list.
+    CPU: large tensors block by block (:class:`_Large`), runs of small tensors with flat φ as
+    :class:`_FlatRun`, other small tensors in multi-tensor batches (:class:`_Batch`). Other devices: the
+    multi-tensor kernels on the whole list (:class:`_Foreach`).
     """
 
     __slots__ = ("fast", "items", "slow")
@@ -227,16 +300,16 @@ class SyncPlan:
     def __init__(self, fast: list[Tensor], slow: list[Tensor]) -> None:
         self.fast = fast
         self.slow = slow
-        self.items: list[tuple[str, Any]] = []
+        self.items: list[_Item] = []
         if fast[0].device.type != "cpu":
-            self.items.append(("foreach", None))
+            self.items.append(_Foreach())
             return
         pending: list[int] = []
         elems = 0
         for i, (f, s) in enumerate(zip(fast, slow)):
             n = f.numel()
             if n >= SMALL and f.is_contiguous() and s.is_contiguous():
-                self.items.append(("large", i))
+                self.items.append(_Large(i))
                 continue
             pending.append(i)
             elems += n
@@ -245,7 +318,7 @@ class SyncPlan:
                 pending, elems = [], 0
         if pending:
             self._add_small(pending)
-        runs = [what for kind, what in self.items if kind == "flat"]
+        runs = [item for item in self.items if isinstance(item, _FlatRun)]
         if runs:  # one scratch buffer for all runs (one plan holds one dtype), the size of the largest
             scratch = runs[0].slow_flat.new_empty(max(r.slow_flat.numel() for r in runs))
             for r in runs:
@@ -273,16 +346,10 @@ class SyncPlan:
             head = self.slow[run[0]]
             total = sum(self.slow[i].numel() for i in run)
             flat = head.new_empty(0).set_(head.untyped_storage(), head.storage_offset(), (total,), (1,))
-            self.items.append(("flat", _FlatRun(run, [self.fast[i] for i in run], [self.slow[i] for i in run], flat)))
+            self.items.append(_FlatRun(run, [self.fast[i] for i in run], [self.slow[i] for i in run], flat))
         loose = [i for i in idx if i not in in_runs]
         if loose:
-            fs = [self.fast[i] for i in loose]
-            ss = [self.slow[i] for i in loose]
-            # The check: one sum per tensor of at least TINY elements (data-bound, no write), one
-            # multi-tensor kernel for the tiny rest (dispatch-bound).
-            sums = [t for t in fs if t.numel() >= TINY]
-            rest = [t for t in fs if t.numel() < TINY]
-            self.items.append(("batch", (loose, fs, ss, sums, rest)))
+            self.items.append(_Batch(loose, [self.fast[i] for i in loose], [self.slow[i] for i in loose]))
 
     def valid(self, slow: list[Tensor]) -> bool:
         return len(slow) == len(self.slow) and all(map(operator.is_, slow, self.slow))
@@ -290,20 +357,8 @@ class SyncPlan:
     def run(self, alpha: float, check: bool) -> SyncReport:
         report: SyncReport = []
         fast, slow = self.fast, self.slow
-        for kind, what in self.items:
-            if kind == "large":
-                f = fast[what]
-                n = f.numel()
-                kept = _sync_blocks(f.view(-1), slow[what].view(-1), alpha, check)
-                if kept:
-                    report.append((what, kept, -(-n // CHUNK)))
-            elif kind == "flat":
-                what.run(alpha, check, report)
-            elif kind == "batch":
-                idx, fs, ss, sums, rest = what
-                _sync_batch(idx, fs, ss, sums, rest, alpha, check, report)
-            else:
-                report.extend(_sync_foreach(fast, slow, alpha, check))
+        for item in self.items:
+            item.run(fast, slow, alpha, check, report)
         return report
 
 
@@ -359,7 +414,7 @@ def _sync_batch(
         if bad:
             for j in sorted(bad):
                 fs[j].copy_(ss[j])
-                report.append((idx[j], 1, 1))
+                report.append(Skipped(idx[j], 1, 1))
             fs = [t for j, t in enumerate(fs) if j not in bad]
             ss = [t for j, t in enumerate(ss) if j not in bad]
     if fs:
@@ -374,7 +429,7 @@ def _sync_foreach(fast: list[Tensor], slow: list[Tensor], alpha: float, check: b
         if bad:
             for j in sorted(bad):
                 fast[j].copy_(slow[j])
-                report.append((j, 1, 1))
+                report.append(Skipped(j, 1, 1))
             fast = [t for j, t in enumerate(fast) if j not in bad]
             slow = [t for j, t in enumerate(slow) if j not in bad]
     if fast:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -48,12 +47,15 @@ import torch.distributed as tdist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..core.keys import GROUP_ALPHA, LAST_ALPHA, OUTER_MOMENTUM_KEY, SLOW_KEY
+from ..core.collectives import all_reduce_sum_, broadcast_
+from ..core.keys import GROUP_ALPHA, OUTER_MOMENTUM_KEY, SLOW_KEY
 from ..core.optim import Lookahead
+from ..core.pull import Due, Kept, Pull
 from ..core.settings import LookaheadConfigError, LookaheadSettings, OuterSettings
 
 __all__ = [
     "NodeTopology",
+    "NodesPull",
     "OuterLookahead",
     "broadcast_initial_weights",
     "node_checkpoint_dir",
@@ -179,53 +181,87 @@ def broadcast_initial_weights(model: torch.nn.Module, topology: NodeTopology) ->
             "are already partitioned over the global group); build the model normally, ZeRO-3 still partitions "
             "it inside each node."
         )
-    if topology.world_size == 1:
-        return
     with torch.no_grad():
-        for t in tensors:
-            if tdist.get_backend() == "gloo" or t.device.type != "cpu":
-                tdist.broadcast(t.data, src=0)
-            else:  # NCCL cannot send CPU tensors (the model is usually still on CPU here)
-                t.data.copy_(_broadcast_via_device(t.data))
-
-
-def _broadcast_via_device(t: Tensor) -> Tensor:
-    from deepspeed.accelerator import get_accelerator
-
-    buf = t.to(get_accelerator().current_device_name())
-    tdist.broadcast(buf, src=0)
-    return buf
+        broadcast_([t.data for t in tensors], src=0)  # CPU tensors over NCCL travel through the device
 
 
 # ---------------------------------------------------------------------------------------- the outer step
-class OuterLookahead(Lookahead):
-    """:class:`Lookahead` whose sync is the cross-node outer step (see the module docstring).
+class NodesPull(Pull):
+    """The cross-node outer step as the core's :class:`~lookahead_dist.core.pull.Pull` (module docstring).
 
-    Everything but the sync is the core's: φ and the per-tensor counters in the inner optimizer's state,
-    the first sync after ``k`` inner steps, ``use_slow_weights``, checkpoints. All ranks of a cross-node
-    group hold the same partition layout and step in lock-step, so their syncs (one per inner ``step()``
-    call that completes a cycle: per param group under ZeRO-1/2, per sub-group under ZeRO-3) pair up.
+    The core's sync keeps the rest: α per group (here the outer lr), the momentum pullback of the
+    node-local inner buffers (with α), ``pullback="reset"`` and the warning for tensors kept. The
+    non-finite verdict is taken on the mean delta, so every node keeps the same tensors.
     """
 
-    def __init__(self, optimizer: Optimizer, *, settings: LookaheadSettings, topology: NodeTopology,
-                 allow_empty: bool = False) -> None:
-        super().__init__(optimizer, settings=settings, allow_empty=allow_empty)
-        self.topology = topology
-        self.outer: OuterSettings = settings.outer
-        #: Elements and bytes this process sent into cross-node all-reduces (information, not persisted).
-        self.outer_elements = 0
-        self.outer_bytes = 0
+    scope = "nodes"
 
-    def _outer_lr(self, gi: int) -> float:
+    def __init__(self, topology: NodeTopology, outer: OuterSettings) -> None:
+        self.topology = topology
+        self.outer = outer
+        #: Elements and bytes this process sent into cross-node all-reduces (information, not persisted).
+        self.elements = 0
+        self.bytes = 0
+
+    def alpha(self, la: Lookahead, gi: int, params: list[Tensor]) -> float:
         if self.outer.lr is not None:
             return float(self.outer.lr)
-        spec = self.param_groups[gi].get(GROUP_ALPHA, self.alpha)
+        return self._group_alpha(la, gi)
+
+    def pullback_alpha(self, la: Lookahead, gi: int, alpha: float) -> float:
+        return self._group_alpha(la, gi)  # the inner buffers are local to each node: Lookahead's α
+
+    @staticmethod
+    def _group_alpha(la: Lookahead, gi: int) -> float:
+        spec = la.param_groups[gi].get(GROUP_ALPHA, la.alpha)
         if spec == "adaptive":
             raise LookaheadConfigError(
                 f"Lookahead: param_group[{GROUP_ALPHA!r}]='adaptive' is not supported with outer.scope=\"nodes\"; "
                 f"use a fixed alpha or set outer.lr."
             )
         return float(spec)
+
+    def pull(self, la: Lookahead, due: Due, alphas: dict[int, float], check: bool) -> list[Kept]:
+        if self.topology.num_nodes == 1 and self.outer.momentum is None:
+            return super().pull(la, due, alphas, check)  # one node, no momentum: exactly Lookahead
+        state = la.optimizer.state
+        order = [(gi, p) for gi in sorted(due) for p in due[gi]]
+        fast = [p for _, p in order]
+        slow = [state[p][SLOW_KEY] for p in fast]
+        means = self._mean_deltas(fast, slow)
+        kept = self._keep_nonfinite(la, order, slow, means)
+        if kept:
+            bad = {id(k.tensor) for k in kept}
+            keep = [i for i, p in enumerate(fast) if id(p) not in bad]
+            order = [order[i] for i in keep]
+            fast, slow, means = [fast[i] for i in keep], [slow[i] for i in keep], [means[i] for i in keep]
+        by_lr: dict[float, list[int]] = defaultdict(list)
+        for i, (gi, _) in enumerate(order):
+            by_lr[alphas[gi]].append(i)
+        for lr, idx in by_lr.items():
+            steps = [means[i] for i in idx]
+            if self.outer.momentum is not None:
+                steps = self._momentum_steps([fast[i] for i in idx], [slow[i] for i in idx], steps, state)
+            torch._foreach_add_([slow[i] for i in idx], steps, alpha=lr)  # φ ← φ + lr·step
+        if fast:
+            torch._foreach_copy_(fast, slow)  # θ ← φ
+        return kept
+
+    def _momentum_steps(
+        self, fast: list[Tensor], slow: list[Tensor], means: list[Tensor], state: Any
+    ) -> list[Tensor]:
+        """m ← β·m + mean(θ − φ); the step is m, or mean + β·m with Nesterov."""
+        beta = self.outer.momentum
+        assert beta is not None
+        bufs = []
+        for p, phi in zip(fast, slow):
+            st = state[p]
+            if OUTER_MOMENTUM_KEY not in st:
+                st[OUTER_MOMENTUM_KEY] = torch.zeros_like(phi)
+            bufs.append(st[OUTER_MOMENTUM_KEY])
+        torch._foreach_mul_(bufs, beta)
+        torch._foreach_add_(bufs, means)
+        return list(torch._foreach_add(means, bufs, alpha=beta)) if self.outer.nesterov else bufs
 
     def _mean_deltas(self, fast: list[Tensor], slow: list[Tensor]) -> list[Tensor]:
         """mean over nodes of θ − φ, one tensor per ``fast`` tensor (fp32 like the partitions)."""
@@ -239,91 +275,55 @@ class OuterLookahead(Lookahead):
         torch._foreach_copy_(views, fast)
         torch._foreach_sub_(views, slow)
         buf = flat.to(torch.bfloat16) if self.outer.comm_dtype == "bf16" else flat
-        group = self.topology.cross_group
-        if buf.device.type == "cpu" and tdist.get_backend(group) != "gloo":
-            from deepspeed.accelerator import get_accelerator
-
-            buf = buf.to(get_accelerator().current_device_name())
-        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM, group=group)
-        self.outer_elements += buf.numel()
-        self.outer_bytes += buf.numel() * buf.element_size()
-        mean = buf.to(device=flat.device, dtype=flat.dtype).div_(nodes)  # `flat` itself when fp32 on its device
+        all_reduce_sum_(buf, self.topology.cross_group)
+        self.elements += buf.numel()
+        self.bytes += buf.numel() * buf.element_size()
+        mean = buf.to(device=flat.device, dtype=flat.dtype).div_(nodes)  # `flat` itself when fp32
         return [v.view_as(t) for v, t in zip(mean.split(sizes), fast)]
 
-    def _sync(self, due: dict[int, list[Tensor]]) -> None:
-        state = self.optimizer.state
-        order = [(gi, p) for gi in sorted(due) for p in due[gi]]
-        fast = [p for _, p in order]
-        slow = [state[p][SLOW_KEY] for p in fast]
-        lrs = {gi: self._outer_lr(gi) for gi in due}
-        single_plain = self.topology.num_nodes == 1 and self.outer.momentum is None
-        if single_plain:
-            means: list[Tensor] = []  # exactly the core's lerp below: one node is plain Lookahead
-        else:
-            means = self._mean_deltas(fast, slow)
-            keep = self._check_finite(fast, means)
-            if keep is not None:
-                order = [order[i] for i in keep]
-                fast, slow, means = [fast[i] for i in keep], [slow[i] for i in keep], [means[i] for i in keep]
-        buckets: dict[float, list[int]] = defaultdict(list)
-        for i, (gi, _) in enumerate(order):
-            buckets[lrs[gi]].append(i)
-        beta = self.outer.momentum
-        for lr, idx in buckets.items():
-            phis = [slow[i] for i in idx]
-            if single_plain:
-                torch._foreach_lerp_(phis, [fast[i] for i in idx], lr)  # φ ← φ + α(θ − φ)
-                continue
-            steps = [means[i] for i in idx]
-            if beta is not None:
-                bufs = []
-                for i in idx:
-                    st = state[fast[i]]
-                    if OUTER_MOMENTUM_KEY not in st:
-                        st[OUTER_MOMENTUM_KEY] = torch.zeros_like(slow[i])
-                    bufs.append(st[OUTER_MOMENTUM_KEY])
-                torch._foreach_mul_(bufs, beta)
-                torch._foreach_add_(bufs, steps)  # m ← β·m + mean(θ − φ)
-                steps = list(torch._foreach_add(steps, bufs, alpha=beta)) if self.outer.nesterov else bufs
-            torch._foreach_add_(phis, steps, alpha=lr)  # φ ← φ + lr·step
-        if fast:
-            torch._foreach_copy_(fast, slow)  # θ ← φ
-        for gi in due:
-            self.param_groups[gi][LAST_ALPHA] = lrs[gi]
-        if self.pullback == "pullback" and fast:
-            # The momentum-like inner buffers are local to each node; pull them back locally with α.
-            for gi in due:
-                ps = [p for g, p in order if g == gi]
-                if ps:
-                    self._pull_back_buffers(ps, float(self.param_groups[gi].get(GROUP_ALPHA, self.alpha)))
-        elif self.pullback == "reset":
-            for p in fast:
-                st = state[p]
-                self._spare[p] = st[SLOW_KEY]
-                st.clear()
-
-    def _check_finite(self, fast: list[Tensor], means: list[Tensor]) -> list[int] | None:
-        """Indices of tensors whose mean delta is finite (the same verdict on every node), or None if all."""
+    def _keep_nonfinite(
+        self, la: Lookahead, order: list[tuple[int, Tensor]], slow: list[Tensor], means: list[Tensor]
+    ) -> list[Kept]:
+        """The tensors whose mean delta is not finite (the same verdict on every node), with θ ← φ for them."""
         finite = [bool(torch.isfinite(m).all()) for m in means]
         if all(finite):
-            return None
-        bad = sum(1 for f in finite if not f)
-        if self.settings.nonfinite == "raise":
+            return []
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        if la.settings.nonfinite == "raise":
             raise FloatingPointError(
-                f"Lookahead: the outer step found non-finite fast weights on some node in {bad} tensor(s); "
+                f"Lookahead: the outer step found non-finite fast weights on some node in {len(bad)} tensor(s); "
                 f'set lookahead.nonfinite="skip" to keep φ for them and continue.'
             )
-        warnings.warn(
-            f"Lookahead: non-finite fast weights on some node in {bad} tensor(s) at an outer step; their slow "
-            f"weights are kept and the fast weights restart from them.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        # θ ← φ for the skipped tensors too: every node restarts the cycle from the same point.
-        skipped = [i for i, f in enumerate(finite) if not f]
-        state = self.optimizer.state
-        torch._foreach_copy_([fast[i] for i in skipped], [state[fast[i]][SLOW_KEY] for i in skipped])
-        return [i for i, f in enumerate(finite) if f]
+        # θ ← φ for the kept tensors too: every node restarts their cycle from the same point.
+        torch._foreach_copy_([order[i][1] for i in bad], [slow[i] for i in bad])
+        return [Kept(order[i][0], order[i][1], 1, 1) for i in bad]
+
+
+class OuterLookahead(Lookahead):
+    """:class:`Lookahead` whose sync pulls θ and φ together with the cross-node outer step (:class:`NodesPull`).
+
+    Everything else is the core's: φ and the per-tensor counters in the inner optimizer's state, the
+    sync loop, ``use_slow_weights``, checkpoints. All ranks of a cross-node group hold the same partition
+    layout and step in lock-step, so their syncs (one per inner ``step()`` call that completes a cycle:
+    per param group under ZeRO-1/2, per sub-group under ZeRO-3) pair up.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, settings: LookaheadSettings, topology: NodeTopology,
+                 allow_empty: bool = False) -> None:
+        rule = NodesPull(topology, settings.outer)
+        super().__init__(optimizer, settings=settings, allow_empty=allow_empty, pull=rule)
+        self.topology = topology
+        self.outer: OuterSettings = settings.outer
+
+    @property
+    def outer_elements(self) -> int:
+        """Elements this process sent into cross-node all-reduces (information, not persisted)."""
+        return self._pull.elements  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def outer_bytes(self) -> int:
+        """Bytes this process sent into cross-node all-reduces (information, not persisted)."""
+        return self._pull.bytes  # type: ignore[attr-defined,no-any-return]
 
 
 # ---------------------------------------------------------------------------------------- install helpers
