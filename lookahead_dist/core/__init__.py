@@ -1,4 +1,5 @@
-"""The engine-free core: the optimizer, adaptive α, the settings object and the state keys. Torch only."""
+"""The engine-free core, torch only: the optimizer (``optim``), its bookkeeping (``plan``), the sync loop and
+its rule (``pull``) and kernels (``sync``), adaptive α, the settings object, the state keys and checks."""
 
 from __future__ import annotations
 
