@@ -52,7 +52,15 @@ def settings_from_options(
         if not isinstance(settings, LookaheadSettings):
             raise TypeError(f"{where}: settings must be a LookaheadSettings, got {type(settings).__name__}.")
         given = {name: _plain(value) for name, value in settings.to_dict().items()}
-    return LookaheadSettings.from_mapping(given, where=where), given
+    # Keyword options are checked as Lookahead's own keywords, so the same bad value gives the same message
+    # from every entry point (a config section's messages name its key path instead).
+    values: dict[str, Any] = {
+        key: tuple(v) if isinstance(v, list) and key in ("alpha_bounds", "pullback_keys") else v
+        for key, v in given.items()
+    }
+    if isinstance(values.get("outer"), Mapping):
+        values["outer"] = OuterSettings.from_mapping(values["outer"])
+    return LookaheadSettings(**values), given
 
 
 def _plain(value: Any) -> Any:
